@@ -1,0 +1,142 @@
+"""Chat-template tokenization with prompt masking, and length-grouped batches.
+
+Labels are -100 on every prompt token (system, user, the template's own scaffolding) and on padding,
+so the loss covers the assistant's words and the end-of-turn token only. Batches are grouped by
+length so there is little padding, and each row is one example: no example attends to another.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from trainer.errors import StepwiseError
+
+IGNORE = -100
+
+# A documented default for tokenizers without a chat template: Alpaca's headings, one turn after
+# another, EOS closing each answer. It is saved with the tokenizer so inference formats as training did.
+ALPACA_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if not loop.first %}{{ '\\n\\n' }}{% endif -%}"
+    "{%- if message['role'] == 'system' %}{{ message['content'] }}"
+    "{%- elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif -%}"
+)
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """Give a tokenizer without a chat template the Alpaca-style one, and a pad token."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = ALPACA_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, supervised) pieces: each assistant turn is
+    supervised from its first word to the end of its turn; everything else is prompt."""
+    pieces, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render(tokenizer, messages[: i + 1])
+        if not prefix.startswith(done) or not upto.startswith(prefix):
+            raise StepwiseError("the tokenizer's chat template does not render turns as prefixes of each other")
+        pieces.append((prefix[len(done):], False))
+        pieces.append((upto[len(prefix):], True))
+        done = upto
+    return [(text, sup) for text, sup in pieces if text]
+
+
+@dataclass
+class TokenStats:
+    """What tokenization did to the data, for the log and the planner."""
+
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    supervised: int = 0
+
+
+def tokenize(tokenizer, records: list[dict], context_length: int) -> tuple[list[dict], TokenStats]:
+    """{input_ids, labels} per record, truncated at context_length; an example whose answer starts
+    beyond the context has nothing to learn from and is dropped."""
+    stats, out = TokenStats(), []
+    for record in records:
+        ids, labels = [], []
+        for text, supervised in segments(tokenizer, record["messages"]):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if supervised else [IGNORE] * len(piece)
+        if len(ids) > context_length:
+            stats.truncated += 1
+            ids, labels = ids[:context_length], labels[:context_length]
+        # The first label predicts from nothing after the shift; only labels[1:] are learned from.
+        n_sup = sum(1 for x in labels[1:] if x != IGNORE)
+        if n_sup == 0:
+            stats.dropped += 1
+            continue
+        stats.examples += 1
+        stats.tokens += len(ids)
+        stats.supervised += n_sup
+        out.append({"input_ids": ids, "labels": labels})
+    return out, stats
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding gets label -100 and attention mask 0."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def micro_batches(lengths: list[int], mini_batch_size: int, seed: int, epoch: int,
+                  group: int = 64) -> list[list[int]]:
+    """One epoch's micro-batches of example indices, length-grouped.
+
+    Shuffle (seeded by epoch), sort each window of `group` micro-batches by length so neighbours
+    have similar lengths, cut into micro-batches, then shuffle the micro-batches so a step's lengths
+    are not sorted. The same (seed, epoch) always gives the same list: resume and DDP rely on it.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = mini_batch_size * group
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[i:i + mini_batch_size] for i in range(0, len(chunk), mini_batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def steps_per_epoch(n_examples: int, mini_batch_size: int, micro_per_step: int) -> int:
+    """Optimizer steps in one epoch (the leftover micro-batches of an epoch are not used)."""
+    return math.ceil(n_examples / mini_batch_size) // micro_per_step
+
+
+def padding_efficiency(lengths: list[int], batches: list[list[int]]) -> float:
+    """Share of non-padding tokens over the batches."""
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return real / padded if padded else 1.0

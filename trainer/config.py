@@ -1,0 +1,392 @@
+"""Run configuration: one dataclass per concern, defaults < YAML (`--config`) < CLI flags.
+
+Every field is also a flag of the same name (`--learning_rate 3e-4`). A YAML file may be flat or
+grouped under any section names (`training:`, `data:` ...); keys are looked up by name, and the
+Hugging Face TrainingArguments spellings of the second seed note (`num_train_epochs`, `eval_steps`,
+`save_steps`, ...) are accepted as aliases. The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import inspect
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from trainer.errors import StepwiseError
+
+# Metrics a best model can be chosen by, and whether higher is better. The IF metrics and rougeL
+# come from held-out generations at each checkpoint (`eval_prompts`).
+METRICS = {
+    "val_loss": False,
+    "if_prompt_strict": True,
+    "if_prompt_loose": True,
+    "if_inst_strict": True,
+    "if_inst_loose": True,
+    "rougeL": True,
+}
+
+
+@dataclass
+class ModelConfig:
+    pretrained_model: str = "demo"
+    """`demo` (build the embedded tokenizer and tiny Llama), a Hugging Face folder, a hub id, or a Stepwise checkpoint."""
+    dtype: str = "auto"
+    """`auto` (bf16 autocast on CUDA, fp32 on CPU), `bf16` or `fp32`."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise StepwiseError(f"--dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "demo"
+    """`demo` (the generated dataset), a .json/.jsonl/.parquet/.csv file, or a hub dataset id."""
+    val_dataset: str | None = None
+    """An explicit validation file or hub id; otherwise `val_fraction` of `dataset` is held out."""
+    val_fraction: float = 0.05
+    """Share of the dataset held out for validation (seeded, deterministic)."""
+    context_length: int = 256
+    """Tokens per example; longer examples are truncated (prompt-only ones dropped)."""
+    strict: bool = False
+    """Reject the first malformed record with file:line instead of skipping it."""
+    demo_records: int = 30000
+    """Records generated for the `demo` dataset."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise StepwiseError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.context_length < 8:
+            raise StepwiseError(f"--context_length must be at least 8, got {self.context_length}")
+        if self.demo_records < 10:
+            raise StepwiseError(f"--demo_records must be at least 10, got {self.demo_records}")
+
+
+@dataclass
+class OptimConfig:
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides num_epochs when both are set."""
+    num_epochs: float | None = None
+    """Epochs to run when max_steps is not set (default 1)."""
+    learning_rate: float = 2e-5
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup_ratio: float = 0.03
+    """Share of the steps spent warming up linearly, then cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at learning_rate x min_lr_ratio."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 turns clipping off)."""
+    mini_batch_size: int = 8
+    """Examples per forward pass on each process."""
+    total_batch_size: int | None = None
+    """Tokens per optimizer step; accumulation = total / (mini_batch_size x context_length x world size)."""
+    seed: int = 42
+    """Seed for the split, the shuffling, the model init and everything else random."""
+
+    def __post_init__(self):
+        for name in ("max_steps", "mini_batch_size", "total_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise StepwiseError(f"--{name} must be positive, got {value}")
+        if self.num_epochs is not None and self.num_epochs <= 0:
+            raise StepwiseError(f"--num_epochs must be positive, got {self.num_epochs}")
+        if self.learning_rate <= 0:
+            raise StepwiseError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise StepwiseError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class EvalConfig:
+    eval_freq: int = 100
+    """Steps between validation-loss evaluations."""
+    eval_max_batches: int | None = None
+    """Bound validation to this many mini batches (a fixed subset); None uses the whole set."""
+    eval_prompts: str | None = None
+    """Held-out prompt file generated on and scored at every checkpoint (samples.jsonl)."""
+    eval_num_prompts: int = 32
+    """How many held-out prompts (the first N) to generate on at each checkpoint."""
+    eval_max_new_tokens: int = 96
+    """Generation length for the held-out prompts."""
+    metric_for_best_model: str = "val_loss"
+    """What picks the best checkpoint and drives early stopping: val_loss, an IF metric or rougeL."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without an improvement larger than the threshold."""
+    early_stopping_threshold: float = 0.0
+    """The absolute improvement over the best so far that counts as one."""
+
+    def __post_init__(self):
+        if self.metric_for_best_model == "eval_loss":  # Hugging Face's name for the same thing
+            self.metric_for_best_model = "val_loss"
+        if self.metric_for_best_model not in METRICS:
+            raise StepwiseError(
+                f"--metric_for_best_model must be one of {', '.join(METRICS)}, got {self.metric_for_best_model!r}"
+            )
+        if self.eval_freq <= 0:
+            raise StepwiseError(f"--eval_freq must be positive, got {self.eval_freq}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
+            raise StepwiseError(f"--early_stopping_patience must be positive, got {self.early_stopping_patience}")
+        if self.early_stopping_threshold < 0:
+            raise StepwiseError(f"--early_stopping_threshold must be >= 0, got {self.early_stopping_threshold}")
+
+
+@dataclass
+class CheckpointConfig:
+    checkpoint_freq: int = 500
+    """Steps between checkpoints (step-NNNNNN/)."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints: the best plus the newest others (None keeps all)."""
+    load_best_model_at_end: bool = True
+    """Write the best checkpoint (by metric_for_best_model) to final/ at the end."""
+
+    def __post_init__(self):
+        if self.checkpoint_freq <= 0:
+            raise StepwiseError(f"--checkpoint_freq must be positive, got {self.checkpoint_freq}")
+        if self.save_total_limit is not None and self.save_total_limit <= 0:
+            raise StepwiseError(f"--save_total_limit must be positive, got {self.save_total_limit}")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "checkpoints"
+    """Folder that holds one folder per run."""
+    run_name: str | None = None
+    """Run folder name; default: the config's name and the start time (with --resume: the newest run)."""
+    resume: bool = False
+    """Continue the run from its newest complete checkpoint."""
+    use_tensorboard: bool = True
+    """Write TensorBoard event files under <run>/tensorboard/."""
+    log_freq: int = 10
+    """Steps between train-loss log entries."""
+    progress: bool = True
+    """Show the rich progress bar (off when stdout is not a terminal)."""
+
+    def __post_init__(self):
+        if self.log_freq <= 0:
+            raise StepwiseError(f"--log_freq must be positive, got {self.log_freq}")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
+    "run": RunConfig,
+}
+
+# Hugging Face TrainingArguments spellings (the second seed note's YAML) -> Stepwise names.
+ALIASES = {
+    "num_train_epochs": "num_epochs",
+    "eval_steps": "eval_freq",
+    "save_steps": "checkpoint_freq",
+    "logging_steps": "log_freq",
+    "per_device_train_batch_size": "mini_batch_size",
+    "max_seq_length": "context_length",
+    "max_length": "context_length",
+    "model_name_or_path": "pretrained_model",
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    config_name: str = "default"
+    """Stem of the YAML file it came from, used in the default run name."""
+
+    @property
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def grad_accum_steps(self) -> int:
+        tokens_per_micro = self.optim.mini_batch_size * self.data.context_length * self.world_size
+        return (self.optim.total_batch_size or tokens_per_micro) // tokens_per_micro
+
+    def validate(self) -> None:
+        """Checks that span concerns; each names the flag to change."""
+        o, d, e, c = self.optim, self.data, self.eval, self.checkpoint
+        per_step = o.mini_batch_size * d.context_length * self.world_size
+        if o.total_batch_size is not None and o.total_batch_size % per_step:
+            raise StepwiseError(
+                f"--total_batch_size {o.total_batch_size} is not a multiple of mini_batch_size x context_length "
+                f"x world size = {o.mini_batch_size} x {d.context_length} x {self.world_size} = {per_step}"
+            )
+        wants_best = c.load_best_model_at_end or c.save_total_limit is not None or e.early_stopping_patience
+        if wants_best and e.metric_for_best_model == "val_loss" and c.checkpoint_freq % e.eval_freq:
+            raise StepwiseError(
+                f"--checkpoint_freq {c.checkpoint_freq} must be a multiple of --eval_freq {e.eval_freq} "
+                "so every checkpoint has a validation loss to pick the best by"
+            )
+        if e.metric_for_best_model != "val_loss" and not e.eval_prompts:
+            raise StepwiseError(f"--metric_for_best_model {e.metric_for_best_model} needs --eval_prompts FILE")
+
+    def to_dict(self) -> dict:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["config_name"] = self.config_name
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every flag name -> (section, field)."""
+    return {f.name: (section, f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def _base_type(annotation) -> tuple[type, bool]:
+    """(int|float|str|bool, optional?) of a field annotation such as `int | None`."""
+    hint = annotation
+    if isinstance(hint, str):
+        hint = eval(hint, {}, {})  # annotations are postponed strings: `int | None`
+    if isinstance(hint, types.UnionType):
+        args = [a for a in hint.__args__ if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def _coerce(name: str, value, where: str):
+    """Check a YAML value's type against the field's, naming the key on a mismatch."""
+    _, f = _fields()[name]
+    kind, optional = _base_type(f.type)
+    if value is None:
+        if optional:
+            return None
+        raise StepwiseError(f"{where}: key {name!r} may not be empty")
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise StepwiseError(f"{where}: key {name!r} must be {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        if text.lower() in ("none", "null"):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def read_yaml(path: str) -> dict:
+    """Flat {field: value} from a YAML file, sections flattened and aliases resolved."""
+    p = Path(path)
+    if not p.is_file():
+        raise StepwiseError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise StepwiseError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise StepwiseError(f"{path}: expected a mapping of keys to values")
+    fields = _fields()
+    flat: dict = {}
+
+    def take(key: str, value, section: str | None):
+        name = ALIASES.get(key, key)
+        where = f"{path} ({section})" if section else path
+        if name not in fields:
+            raise StepwiseError(f"{where}: unknown key {key!r}")
+        if name == "metric_for_best_model" and value == "eval_loss":
+            value = "val_loss"
+        flat[name] = _coerce(name, value, where)
+
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                take(str(sub_key), sub_value, key)
+        else:
+            take(str(key), value, None)
+    return flat
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with `--config` and one flag per field; unset flags stay absent (argparse.SUPPRESS)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML run config (defaults < YAML < flags)")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            kind, optional = _base_type(f.type)
+            help_text = _field_doc(cls, f.name)
+            if kind is bool:
+                group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, help=help_text)
+            else:
+                parse = _parse_optional(kind) if optional else kind
+                group.add_argument(f"--{f.name}", type=parse, help=help_text, metavar=kind.__name__.upper())
+    return parser
+
+
+def _field_doc(cls, name: str) -> str:
+    """The docstring under a dataclass field, for --help."""
+    lines = inspect.getsource(cls).splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith(f"{name}:") and i + 1 < len(lines):
+            return lines[i + 1].strip().strip('"')
+    return ""
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    """defaults < YAML < flags, validated."""
+    values: dict = {}
+    config_name = "default"
+    if getattr(args, "config", None):
+        values.update(read_yaml(args.config))
+        config_name = Path(args.config).stem
+    values.update({k: v for k, v in vars(args).items() if k != "config" and k in _fields()})
+    return from_flat(values, config_name)
+
+
+def from_flat(values: dict, config_name: str = "default") -> Config:
+    fields = _fields()
+    per_section: dict[str, dict] = {section: {} for section in SECTIONS}
+    for name, value in values.items():
+        per_section[fields[name][0]][name] = value
+    cfg = Config(**{s: SECTIONS[s](**kw) for s, kw in per_section.items()}, config_name=config_name)
+    cfg.validate()
+    return cfg
+
+
+def load_saved(path: str | Path) -> Config:
+    """The resolved config saved in a run folder (config.yaml), re-validated."""
+    raw = yaml.safe_load(Path(path).read_text())
+    name = raw.pop("config_name", "default")
+    flat = {k: v for section in raw.values() for k, v in section.items()}
+    return from_flat(flat, name)
+
+
+def parse_config(argv: list[str], prog: str = "python -m trainer train", description: str = "") -> Config:
+    return resolve(build_parser(prog, description).parse_args(argv))

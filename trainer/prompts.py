@@ -1,0 +1,128 @@
+"""Held-out prompt files: JSON Lines, a superset of Google's IFEval input_data.jsonl (design.md section 4).
+
+A line carries `prompt` and any of `key`, `instruction_id_list` + `kwargs` (IFEval checks),
+`reference` (ROUGE-L) and `category`. Every mistake is a StepwiseError naming `file:line`, found at
+load time so that a long evaluation never dies on its last prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer import scoring
+from trainer.errors import StepwiseError
+
+
+@dataclass
+class HeldoutPrompt:
+    key: str
+    """Stable id: the file's `key`, or `line-N` when the line has none."""
+    prompt: str
+    """The full user message the model sees."""
+    instruction_id_list: list[str] = field(default_factory=list)
+    """IFEval instruction ids checked on the response; empty for ROUGE-L-only prompts."""
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    """One dict of checker arguments per instruction id."""
+    reference: str | None = None
+    """Reference answer for ROUGE-L."""
+    category: str | None = None
+    """Free-form group name (the demo data's base task), for per-category reports."""
+    line: int = 0
+    """1-based line in the file it came from."""
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _optional_str(row: dict[str, Any], name: str, where: str) -> str | None:
+    value = row.get(name)
+    if value is not None and not isinstance(value, str):
+        raise StepwiseError(f"{where}: `{name}` must be a string, got {_short(value)}")
+    return value or None
+
+
+def _instructions(row: dict[str, Any], where: str) -> tuple[list[str], list[dict[str, Any]]]:
+    ids = row.get("instruction_id_list")
+    if ids is None:
+        ids = []
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise StepwiseError(f"{where}: `instruction_id_list` must be a list of strings, got {_short(ids)}")
+    kwargs = row.get("kwargs")
+    if kwargs is None:
+        kwargs = [{} for _ in ids]  # checkers without arguments need no kwargs line
+    if not isinstance(kwargs, list) or not all(isinstance(k, dict) for k in kwargs):
+        raise StepwiseError(f"{where}: `kwargs` must be a list of objects (dicts), got {_short(kwargs)}")
+    if len(kwargs) != len(ids):
+        raise StepwiseError(
+            f"{where}: `kwargs` has {len(kwargs)} entries for {len(ids)} instruction ids (one each, in order)"
+        )
+    registry = scoring.instruction_registry()
+    for instruction_id, kw in zip(ids, kwargs):
+        if instruction_id not in registry:
+            raise StepwiseError(f"{where}: unknown instruction id {instruction_id!r} (not in IFEval's registry)")
+        given = {k for k, v in kw.items() if v is not None}
+        missing = [k for k in scoring.required_kwargs(instruction_id) if k not in given]
+        if missing:
+            # Without them the checker would silently check against values it makes up.
+            raise StepwiseError(f"{where}: {instruction_id} needs kwargs {', '.join(missing)}")
+        try:
+            scoring.build_checker(instruction_id, kw, row["prompt"])
+        except Exception as err:  # the checkers raise TypeError, ValueError, KeyError, ... for bad kwargs
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise StepwiseError(f"{where}: {instruction_id} rejects kwargs {_short(kw)}: {reason}") from None
+    return ids, kwargs
+
+
+def _parse(row: Any, line: int, where: str) -> HeldoutPrompt:
+    if not isinstance(row, dict):
+        raise StepwiseError(f"{where}: expected a JSON object, got {_short(row)}")
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise StepwiseError(f"{where}: missing or empty `prompt`")
+    ids, kwargs = _instructions(row, where)
+    key = row.get("key")
+    return HeldoutPrompt(
+        key=f"line-{line}" if key is None or key == "" else str(key),
+        prompt=prompt,
+        instruction_id_list=ids,
+        kwargs=kwargs,
+        reference=_optional_str(row, "reference", where),
+        category=_optional_str(row, "category", where),
+        line=line,
+    )
+
+
+def load_prompts(path: str | Path) -> list[HeldoutPrompt]:
+    """Read and validate a held-out prompt file. Blank lines are skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StepwiseError(f"{path}: prompt file not found") from None
+    except IsADirectoryError:
+        raise StepwiseError(f"{path}: is a directory, expected a JSON Lines prompt file") from None
+    except UnicodeDecodeError as err:
+        raise StepwiseError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    prompts: list[HeldoutPrompt] = []
+    first_line_of_key: dict[str, int] = {}
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{line}"
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise StepwiseError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        p = _parse(row, line, where)
+        if p.key in first_line_of_key:
+            raise StepwiseError(f"{where}: duplicate key {p.key!r} (first on line {first_line_of_key[p.key]})")
+        first_line_of_key[p.key] = line
+        prompts.append(p)
+    if not prompts:
+        raise StepwiseError(f"{path}: no prompts in file")
+    return prompts

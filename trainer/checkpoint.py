@@ -88,6 +88,9 @@ def set_rng_state(folder: Path) -> None:
 
 def save_hf(model, tokenizer, folder: Path) -> None:
     """The Hugging Face part: loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # its shard-writing bar would interleave with ours
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 

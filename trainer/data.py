@@ -9,6 +9,7 @@ count and their first line numbers, or rejected with `file:line` under `--strict
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,7 @@ def _load_with_datasets(source: str) -> tuple[list[dict], callable]:
     """Rows of a file or hub id via `datasets` (cached under HF_DATASETS_CACHE), and a row -> line map."""
     import datasets
 
+    datasets.disable_progress_bars()  # our own log line reports the load
     path = Path(source)
     try:
         if path.exists():
@@ -169,10 +171,11 @@ def load_records(source: str, strict: bool = False) -> tuple[list[dict], LoadRep
 
 
 def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded, deterministic train/val split: the same records land in val on every run."""
+    """A seeded, deterministic train/val split: the same records land in val on every run.
+    The val count rounds up, as `datasets`' train_test_split does (52,002 x 5% -> 2,601)."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    n_val = round(len(records) * val_fraction)
+    n_val = math.ceil(len(records) * val_fraction)
     val_ids = set(order[:n_val])
     train = [r for i, r in enumerate(records) if i not in val_ids]
     val = [r for i, r in enumerate(records) if i in val_ids]

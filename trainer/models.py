@@ -53,20 +53,31 @@ def demo_texts(records: list[dict]) -> list[str]:
     return texts + ["### Instruction:\n", "### Response:\n"]
 
 
-def load_pretrained(name: str):
-    """Tokenizer and model from a Hugging Face folder, a hub id or a Stepwise checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _from_pretrained(loader, name: str):
     path = Path(name)
     if path.exists() and not (path / "config.json").is_file():
         raise StepwiseError(f"--pretrained_model {name}: no config.json (not a Hugging Face model folder)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    except OSError as err:
+        return loader(name)
+    except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0]
         raise StepwiseError(f"--pretrained_model {name}: could not load ({first})") from None
+
+
+def load_pretrained_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name)
     ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def load_pretrained(name: str):
+    """Tokenizer and model from a Hugging Face folder, a hub id or a Stepwise checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_pretrained_tokenizer(name)
+    model = _from_pretrained(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32), name)
     return tokenizer, model
 
 

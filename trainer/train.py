@@ -26,7 +26,8 @@ from trainer.config import METRICS, Config, parse_config
 from trainer.data import load_train_val
 from trainer.errors import StepwiseError
 from trainer.metrics import MetricsLog, classify_trend, metrics_path, recommend
-from trainer.models import build_demo_model, build_demo_tokenizer, check_template, demo_texts, load_pretrained
+from trainer.models import (build_demo_model, build_demo_tokenizer, check_template, demo_texts, load_pretrained,
+                            load_pretrained_tokenizer)
 from trainer.progress import Reporter
 
 
@@ -120,6 +121,32 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.optim.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
+def load_data(cfg: Config, reporter: Reporter) -> tuple[list[dict], list[dict]]:
+    train_records, val_records, reports = load_train_val(
+        cfg.data.dataset, cfg.data.val_dataset, cfg.data.val_fraction, cfg.optim.seed, cfg.data.strict,
+        cfg.data.demo_records)
+    for report in reports:
+        reporter.info(report.summary())
+    return train_records, val_records
+
+
+def load_tokenizer_and_model(cfg: Config, train_records: list[dict], resume_from: Path | None = None,
+                             with_model: bool = True):
+    """(tokenizer, model): from the checkpoint being resumed, the demo preset, or --pretrained_model.
+    With with_model=False only the tokenizer is loaded (the planner needs lengths, not weights)."""
+    if resume_from is not None:
+        tokenizer, model = load_pretrained(str(resume_from))
+    elif cfg.model.pretrained_model == "demo":
+        tokenizer = build_demo_tokenizer(demo_texts(train_records))
+        model = build_demo_model(tokenizer, cfg.data.context_length, cfg.optim.seed) if with_model else None
+    elif with_model:
+        tokenizer, model = load_pretrained(cfg.model.pretrained_model)
+    else:
+        tokenizer, model = load_pretrained_tokenizer(cfg.model.pretrained_model), None
+    check_template(tokenizer)
+    return tokenizer, model
+
+
 def setup(cfg: Config) -> Run:
     rank, world, device = init_distributed()
     reporter = Reporter(enabled=rank == 0, progress=cfg.run.progress)
@@ -135,19 +162,8 @@ def setup(cfg: Config) -> Run:
 
     random.seed(cfg.optim.seed)
     torch.manual_seed(cfg.optim.seed)
-    train_records, val_records, reports = load_train_val(
-        cfg.data.dataset, cfg.data.val_dataset, cfg.data.val_fraction, cfg.optim.seed, cfg.data.strict,
-        cfg.data.demo_records)
-    for report in reports:
-        reporter.info(report.summary())
-
-    if resume_from is not None:
-        tokenizer, model = load_pretrained(str(resume_from))
-    elif cfg.model.pretrained_model == "demo":
-        tokenizer = build_demo_tokenizer(demo_texts(train_records))
-        model = build_demo_model(tokenizer, cfg.data.context_length, cfg.optim.seed)
-    else:
-        tokenizer, model = load_pretrained(cfg.model.pretrained_model)
+    train_records, val_records = load_data(cfg, reporter)
+    tokenizer, model = load_tokenizer_and_model(cfg, train_records, resume_from)
     check_template(tokenizer)
     model.to(device)
 

@@ -1,0 +1,150 @@
+"""`python -m trainer plan`: how many steps is an epoch, and how long will it take?
+
+Takes the same config and flags as `train`. Counts come from the real split and tokenization; time
+comes from the throughput an earlier run of the same config recorded, or else from a short real
+timing on this machine (a few optimizer steps after a warm-up). The table says which.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from trainer import checkpoint as ckpt
+from trainer.batching import steps_per_epoch, tokenize
+from trainer.config import Config, build_parser, load_saved, resolve
+
+# Fields that change the cost of a step; a run with the same ones has a throughput worth reusing.
+SPEED_KEYS = ("pretrained_model", "dtype", "compile", "dataset", "context_length", "mini_batch_size",
+              "total_batch_size", "demo_records")
+
+
+@dataclass
+class Plan:
+    train_examples: int
+    val_examples: int
+    grad_accum_steps: int
+    world_size: int
+    mini_batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    tokens_per_epoch: int | None = None
+    truncated_share: float | None = None
+    seconds_per_step: float | None = None
+    timing_source: str = "not measured"
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.mini_batch_size * self.grad_accum_steps * self.world_size
+
+    @property
+    def epochs(self) -> float:
+        return self.total_steps / self.steps_per_epoch
+
+
+def count(cfg: Config, train_n: int, val_n: int) -> Plan:
+    """The seed's arithmetic: accumulation, examples a step, steps an epoch, epochs at max_steps."""
+    spe = steps_per_epoch(train_n, cfg.optim.mini_batch_size, cfg.grad_accum_steps * cfg.world_size)
+    total = cfg.optim.max_steps or math.ceil((cfg.optim.num_epochs or 1.0) * max(spe, 1))
+    return Plan(train_n, val_n, cfg.grad_accum_steps, cfg.world_size, cfg.optim.mini_batch_size, spe, total)
+
+
+def recorded_speed(cfg: Config) -> tuple[float, str] | None:
+    """Seconds per step recorded by the newest earlier run of the same config, if any."""
+    wanted = _speed_fields(cfg)
+    for run in ckpt.list_runs(cfg.run.output_dir):
+        saved = run.path / "config.yaml"
+        seconds = run.metrics.get("data", {}).get("seconds_per_step")
+        if seconds and saved.is_file() and _speed_fields(load_saved(saved)) == wanted:
+            return seconds, f"recorded by run {run.name}"
+    return None
+
+
+def _speed_fields(cfg: Config) -> dict:
+    flat = {k: v for section in cfg.to_dict().values() if isinstance(section, dict) for k, v in section.items()}
+    return {k: flat.get(k) for k in SPEED_KEYS}
+
+
+def measure_speed(cfg: Config, steps: int = 3) -> tuple[float, str]:
+    """Seconds per optimizer step, timed for real after one warm-up step (model built, data loaded)."""
+    from trainer.train import setup, train_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        timing_cfg = replace(cfg, run=replace(cfg.run, output_dir=tmp, run_name="timing", resume=False,
+                                              use_tensorboard=False, progress=False))
+        run = setup(timing_cfg)
+        run.reporter.enabled = False
+        from trainer.batching import micro_batches
+
+        lengths = [len(e["input_ids"]) for e in run.train]
+        batches = micro_batches(lengths, cfg.optim.mini_batch_size, cfg.optim.seed, 0)
+        g = run.micro_per_step
+        train_step(run, batches[:g])  # warm-up: allocator, kernels, lazy init
+        start = time.perf_counter()
+        for i in range(1, steps + 1):
+            train_step(run, batches[i * g:(i + 1) * g])
+        return (time.perf_counter() - start) / steps, f"measured now over {steps} steps"
+
+
+def make_plan(cfg: Config, timing_steps: int = 3) -> Plan:
+    from trainer.progress import Reporter
+    from trainer.train import load_data, load_tokenizer_and_model
+
+    quiet = Reporter(enabled=False)
+    train_records, val_records = load_data(cfg, quiet)
+    tokenizer, _ = load_tokenizer_and_model(cfg, train_records, with_model=False)
+    _, stats = tokenize(tokenizer, train_records, cfg.data.context_length)
+    # Tokenization may drop examples whose answer lies past the context; the loop counts what is left.
+    plan = replace(count(cfg, stats.examples, len(val_records)), tokens_per_epoch=stats.tokens,
+                   truncated_share=stats.truncated / max(len(train_records), 1))
+    timing = recorded_speed(cfg) or (measure_speed(cfg, timing_steps) if timing_steps else None)
+    if timing:
+        plan.seconds_per_step, plan.timing_source = timing
+    return plan
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+
+
+def render(plan: Plan, console: Console) -> None:
+    facts = Table(show_header=False, title="plan")
+    facts.add_row("train / val examples", f"{plan.train_examples:,} / {plan.val_examples:,}")
+    facts.add_row("gradient accumulation", f"{plan.grad_accum_steps} step(s) x {plan.world_size} process(es)")
+    facts.add_row("effective batch", f"{plan.examples_per_step:,} examples a step")
+    facts.add_row("steps per epoch", f"{plan.steps_per_epoch:,}")
+    facts.add_row("steps planned", f"{plan.total_steps:,} = {plan.epochs:.2f} epochs")
+    if plan.tokens_per_epoch is not None:
+        facts.add_row("tokens per epoch", f"{plan.tokens_per_epoch:,}")
+        facts.add_row("truncated at context_length", f"{plan.truncated_share:.1%}")
+    facts.add_row("time per step", f"{plan.seconds_per_step:.3f} s ({plan.timing_source})"
+                  if plan.seconds_per_step else plan.timing_source)
+    console.print(facts)
+    table = Table(title="epochs against steps and time")
+    for column in ("epochs", "steps", "est. time"):
+        table.add_column(column, justify="right")
+    for epochs in dict.fromkeys([round(plan.epochs, 2), 3, 4, 5]):
+        steps = math.ceil(epochs * plan.steps_per_epoch)
+        secs = steps * plan.seconds_per_step if plan.seconds_per_step else None
+        table.add_row(f"{epochs:g}" + (" (now)" if epochs == round(plan.epochs, 2) else ""), f"{steps:,}", _duration(secs))
+    console.print(table)
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser("python -m trainer plan", "Epochs, steps and time for a config (same flags as train).")
+    parser.add_argument("--timing_steps", type=int, default=3, help="steps to time when no earlier run recorded a speed (0: skip)")
+    args = parser.parse_args(argv)
+    timing_steps = args.timing_steps
+    del args.timing_steps
+    cfg = resolve(args)
+    render(make_plan(cfg, timing_steps), Console(highlight=False, soft_wrap=True))
+    return 0

@@ -21,13 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessorList,
+                          RepetitionPenaltyLogitsProcessor, StoppingCriteriaList, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers.utils import logging as hf_logging
 
+from trainer.batching import ensure_chat_template
 from trainer.checkpoint import STEP_RE, WEIGHT_FILES, CheckpointInfo, read_run
 from trainer.errors import StepwiseError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # End-of-turn tokens of common chat templates; whichever the tokenizer knows also ends an answer.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+# transformers resolves model classes through lazy imports that are not thread-safe: the app's
+# sides load at the same time, so loads take turns (they share the disk and cores anyway).
+_LOAD_LOCK = threading.Lock()
 
 
 @dataclass
@@ -117,11 +125,6 @@ def default_device() -> str:
 def load_model(path: str | Path, device: str | None = None) -> LoadedModel:
     """A step folder, final/, any Hugging Face folder or hub id, in eval mode with its own tokenizer
     and chat template. A folder that lacks weights or a tokenizer is a StepwiseError naming it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from trainer.batching import ensure_chat_template
-
     p = Path(path)
     name = str(path)
     # "org/name" is a hub id unless "org" is a local folder (a mistyped checkpoint path must fail at
@@ -137,6 +140,15 @@ def load_model(path: str | Path, device: str | None = None) -> LoadedModel:
             raise StepwiseError(f"{name}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     device = device or default_device()
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    with _LOAD_LOCK:
+        tokenizer, model = _from_pretrained(name, dtype)
+    ensure_chat_template(tokenizer)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return LoadedModel(p, model, tokenizer, _checkpoint_info(p) if p.is_dir() else None)
+
+
+def _from_pretrained(name: str, dtype: torch.dtype):
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Loading weights" bars would break the REPL's and the eval's display
     try:
@@ -148,10 +160,7 @@ def load_model(path: str | Path, device: str | None = None) -> LoadedModel:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    ensure_chat_template(tokenizer)
-    model.to(device).eval()
-    model.requires_grad_(False)
-    return LoadedModel(p, model, tokenizer, _checkpoint_info(p) if p.is_dir() else None)
+    return tokenizer, model
 
 
 # --- shared pieces -------------------------------------------------------------------------------
@@ -203,9 +212,6 @@ class _Sampler:
     its own generator, and leaves only the drawn token possible so generate's greedy step takes it."""
 
     def __init__(self, settings: GenerationSettings, seeds: list[int]):
-        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                  TopKLogitsWarper, TopPLogitsWarper)
-
         steps = []
         if settings.repetition_penalty != 1.0:
             steps.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
@@ -235,8 +241,6 @@ class _Sampler:
 
 
 def _generation_config(model, tokenizer, max_new_tokens: int):
-    from transformers import GenerationConfig
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Every sampling field is set to its neutral value (top_k 50 is the library default, unused when
     # do_sample is off and not warned about) so a checkpoint's generation_config.json
@@ -333,13 +337,14 @@ class _TokenQueue:
 
 
 class _StopOnEvent:
-    """A stopping criterion that ends generation when the caller's event is set."""
+    """A stopping criterion that ends generation when any of the events is set."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, events: list):
+        self.events = events
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        stop = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def _partial_text(tokenizer, ids: list[int], stops: set[int]) -> str:
@@ -354,15 +359,15 @@ def stream(model, tokenizer, conversation: list[dict], settings: GenerationSetti
     """Snapshots of one answer as its tokens arrive (done=False), then the final one (done=True),
     whose text is exactly what generate_batch gives for the same conversation and settings.
     Setting stop_event ends generation after the current token."""
-    from transformers import StoppingCriteriaList
-
     ids, max_new = _fit(prompt_ids(tokenizer, conversation), settings.max_new_tokens, _position_limit(model))
     stops = set(stop_ids(model, tokenizer))
     config = _generation_config(model, tokenizer, max_new)
     input_ids, mask = _left_pad([ids], config.pad_token_id, _model_device(model))
     sampler = _Sampler(settings, _seeds(settings, [ids]))
     streamer = _TokenQueue()
-    criteria = StoppingCriteriaList([_StopOnEvent(stop_event)] if stop_event is not None else [])
+    closing = threading.Event()  # set when the consumer leaves early, so generate stops too
+    watch = [closing] + ([stop_event] if stop_event is not None else [])
+    criteria = StoppingCriteriaList([_StopOnEvent(watch)])
     box: dict = {}
 
     def work():
@@ -381,16 +386,21 @@ def stream(model, tokenizer, conversation: list[dict], settings: GenerationSetti
     thread.start()
     got: list[int] = []
     shown = None
-    while True:
-        tok = streamer.queue.get()
-        if tok is None:
-            break
-        got.append(tok)
-        text = _partial_text(tokenizer, got, stops)
-        if text != shown:
-            shown = text
-            yield Generation(text, False, len(got), time.perf_counter() - t0, done=False)
-    thread.join()
+    try:
+        while True:
+            tok = streamer.queue.get()
+            if tok is None:
+                break
+            got.append(tok)
+            text = _partial_text(tokenizer, got, stops)
+            if text != shown:
+                shown = text
+                yield Generation(text, False, len(got), time.perf_counter() - t0, done=False)
+    finally:
+        # An abandoned stream must not leave generate running (torch aborts the process when a
+        # daemon thread is still inside an op at exit).
+        closing.set()
+        thread.join()
     if "error" in box:
         raise box["error"]
     text, finished, n = _answer(tokenizer, box["result"][0, input_ids.shape[1]:].tolist(), stops, config.pad_token_id)

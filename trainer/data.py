@@ -89,33 +89,45 @@ def _normalise(row: dict) -> tuple[list[dict] | None, str]:
     return out, ""
 
 
-def _jsonl_rows(path: Path, report: LoadReport, strict: bool) -> tuple[list[dict], list[int]] | None:
-    """Rows and line numbers of a JSON Lines file when some lines are not valid JSON objects, else None
-    (so a clean file goes through `datasets` and its cache)."""
+def _scan_json(path: Path, report: LoadReport, strict: bool) -> tuple[list[dict], list[int]] | None:
+    """Check a JSON / JSON Lines file record by record, since `datasets` can report neither a line
+    number nor a field of the wrong type (it casts or drops it). Returns the good rows and their lines
+    when something was wrong, else None so the clean file goes through `datasets` and its cache.
+    In a JSON array the "line" is the record's position (1-based)."""
     rows, lines, clean = [], [], True
-    with path.open(encoding="utf-8") as fh:
-        for number, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict):
-                clean = False
-                _bad(report, strict, number, "invalid JSON line")
-                continue
-            rows.append(row)
-            lines.append(number)
+    if _is_jsonl(path):
+        numbered = []
+        with path.open(encoding="utf-8") as fh:
+            for number, text in enumerate(fh, start=1):
+                if text.strip():
+                    try:
+                        numbered.append((number, json.loads(text)))
+                    except json.JSONDecodeError:
+                        numbered.append((number, None))
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise StepwiseError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(data, list):
+            raise StepwiseError(f"{path}: expected a JSON array of records or JSON Lines")
+        numbered = list(enumerate(data, start=1))
+    for number, row in numbered:
+        reason = "invalid JSON line" if not isinstance(row, dict) else _normalise(row)[1]
+        if reason:
+            clean = False
+            _bad(report, strict, number, reason)
+            continue
+        rows.append(row)
+        lines.append(number)
     return None if clean else (rows, lines)
 
 
 def _is_jsonl(path: Path) -> bool:
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         return True
     with path.open(encoding="utf-8") as fh:
-        head = fh.read(1).strip() or fh.read(64).lstrip()[:1]
-    return head == "{"
+        return fh.read(4096).lstrip()[:1] == "{"
 
 
 def _load_with_datasets(source: str) -> tuple[list[dict], callable]:
@@ -137,9 +149,7 @@ def _load_with_datasets(source: str) -> tuple[list[dict], callable]:
         raise StepwiseError(f"{source}: could not load ({first})") from None
     if path.suffix.lower() == ".csv":
         return ds.to_list(), lambda i: i + 2  # line 1 is the header
-    if path.suffix.lower() == ".parquet" or not path.exists():
-        return ds.to_list(), lambda i: i + 1  # row numbers
-    return ds.to_list(), lambda i: i + 1
+    return ds.to_list(), lambda i: i + 1  # JSON Lines lines (a clean file has no blank ones) or row numbers
 
 
 def load_records(source: str, strict: bool = False) -> tuple[list[dict], LoadReport]:
@@ -151,9 +161,9 @@ def load_records(source: str, strict: bool = False) -> tuple[list[dict], LoadRep
     if path.exists():
         if path.is_dir() or path.suffix.lower() not in FORMATS:
             raise StepwiseError(f"{source}: unknown format (use .json, .jsonl, .parquet or .csv)")
-    parsed = _jsonl_rows(path, report, strict) if path.is_file() and path.suffix.lower() in (".json", ".jsonl") and _is_jsonl(path) else None
-    if parsed is not None:
-        rows, lines = parsed
+    scanned = _scan_json(path, report, strict) if path.suffix.lower() in (".json", ".jsonl") else None
+    if scanned is not None:
+        rows, lines = scanned
         line_of = lines.__getitem__
     else:
         rows, line_of = _load_with_datasets(source)

@@ -254,8 +254,9 @@ def all_sum(run: Run, *values: float) -> list[float]:
     return t.tolist()
 
 
-def train_step(run: Run, batches: list[list[int]]) -> tuple[float, float, int]:
-    """One optimizer step over this process's micro-batches; (loss, grad norm, supervised tokens)."""
+def accumulate(run: Run, batches: list[list[int]]) -> tuple[float, int]:
+    """Forward and backward over this process's micro-batches of one step, leaving the step's
+    gradient in .grad; returns (global sum of token losses, global supervised tokens)."""
     micro = [collate([run.train[i] for i in b], run.tokenizer.pad_token_id) for b in batches]
     local = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
     # The denominator spans every micro-batch on every process (a sync point under DDP).
@@ -272,13 +273,19 @@ def train_step(run: Run, batches: list[list[int]]) -> tuple[float, float, int]:
             # DDP averages gradients over processes; the loss is already global, so undo the average.
             (out.loss * run.world).backward()
         loss_sum += out.loss.detach().float().item() * n_tokens
+    (loss_sum,) = all_sum(run, loss_sum)
+    return loss_sum, int(n_tokens)
+
+
+def train_step(run: Run, batches: list[list[int]]) -> tuple[float, float, int]:
+    """One optimizer step; (mean token loss, grad norm before clipping, supervised tokens)."""
+    loss_sum, n_tokens = accumulate(run, batches)
     clip = run.cfg.optim.max_grad_norm or float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), clip))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    (total_loss,) = all_sum(run, loss_sum)
-    return total_loss / n_tokens, grad_norm, int(n_tokens)
+    return loss_sum / n_tokens, grad_norm, n_tokens
 
 
 @torch.no_grad()

@@ -1,0 +1,101 @@
+"""Loading Alpaca and chat records from files, malformed records, the split."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from trainer.data import load_records, split_records
+from trainer.errors import StepwiseError
+
+ALPACA = [
+    {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+    {"instruction": "Reverse the list.", "input": "a, b", "output": "b, a"},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet", ".csv"])
+def test_alpaca_in_every_format(tmp_path, suffix):
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(ALPACA))
+    elif suffix == ".jsonl":
+        write_jsonl(path, ALPACA)
+    elif suffix == ".parquet":
+        pd.DataFrame(ALPACA).to_parquet(path)
+    else:
+        pd.DataFrame(ALPACA).to_csv(path, index=False)
+    records, report = load_records(str(path))
+    assert [r["messages"] for r in records] == [
+        [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}],
+        [{"role": "user", "content": "Reverse the list.\n\na, b"}, {"role": "assistant", "content": "b, a"}],
+    ]
+    assert report.kept == 2 and not report.skipped_lines
+
+
+def test_chat_and_sharegpt_records(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello"}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]},
+    ])
+    records, _ = load_records(str(path))
+    assert records[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert records[1]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]
+
+
+def test_malformed_lines_are_skipped_with_line_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        ALPACA[0],
+        "{not json",
+        {"instruction": "No output"},
+        {"instruction": 7, "output": "x"},
+        {"instruction": "Empty", "output": "   "},
+        ALPACA[1],
+    ])
+    records, report = load_records(str(path))
+    assert len(records) == 2
+    assert report.skipped_lines == [2, 3, 4, 5]
+    assert "skipped 4 malformed" in report.summary() and "first at line 2" in report.summary()
+
+
+def test_strict_rejects_with_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [ALPACA[0], {"instruction": "x", "output": 3}])
+    with pytest.raises(StepwiseError, match=r"bad\.jsonl:2: missing or non-string output"):
+        load_records(str(path), strict=True)
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(StepwiseError, match="no such file"):
+        load_records(str(tmp_path / "nope.jsonl"))
+    other = tmp_path / "data.txt"
+    other.write_text("hello")
+    with pytest.raises(StepwiseError, match="unknown format"):
+        load_records(str(other))
+
+
+def test_second_load_uses_the_datasets_cache(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    path = write_jsonl(tmp_path / "clean.jsonl", ALPACA * 50)
+    load_records(str(path))
+    cached = list((tmp_path / "cache").rglob("*.arrow"))
+    assert cached, "a clean file goes through datasets and lands in its cache"
+    stamp = {p: p.stat().st_mtime_ns for p in cached}
+    load_records(str(path))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.arrow")} == stamp
+
+
+def test_split_is_deterministic_and_rounds_val_up():
+    records = list(range(52002))
+    train, val = split_records(records, 0.05, seed=1)
+    assert (len(train), len(val)) == (49401, 2601)
+    assert split_records(records, 0.05, seed=1) == (train, val)
+    assert split_records(records, 0.05, seed=2)[1] != val
+    assert not set(train) & set(val)

@@ -280,6 +280,9 @@ def accumulate(run: Run, batches: list[list[int]]) -> tuple[float, int]:
 def train_step(run: Run, batches: list[list[int]]) -> tuple[float, float, int]:
     """One optimizer step; (mean token loss, grad norm before clipping, supervised tokens)."""
     loss_sum, n_tokens = accumulate(run, batches)
+    if not math.isfinite(loss_sum):
+        run.optimizer.zero_grad(set_to_none=True)  # never apply a non-finite gradient
+        return loss_sum / n_tokens, float("nan"), n_tokens
     clip = run.cfg.optim.max_grad_norm or float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), clip))
     run.optimizer.step()

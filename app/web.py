@@ -1,0 +1,154 @@
+"""`python -m app.web --root checkpoints`: compare the checkpoints of a run in the browser.
+
+Tabs: Compare (2-4 checkpoints side by side, streaming, held-out prompts, votes and ratings), Timeline
+(one held-out prompt's stored answer at every step), Training (loss curves, metrics, early stopping,
+plan), Eval (held-out scoring of chosen checkpoints). Everything is read from under --root; nothing a
+browser or API client sends can name a path outside it. Serves on 127.0.0.1 unless --host says
+otherwise; a public share link only with --share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from trainer.errors import StepwiseError
+
+# Before gradio is imported: no usage analytics or version checks from a closed, private server.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from app.session import CompareSession, ModelCache  # noqa: E402
+from app.votes import VoteStore  # noqa: E402
+from app.web_common import (CSS, MAX_SIDES, WebConfig, _inside, checkpoint_choices, default_picks,  # noqa: E402
+                            run_choices)
+from app.web_compare import CompareTab, check_prompt, settings_from  # noqa: E402
+from app.web_eval import build_eval_tab  # noqa: E402
+from app.web_timeline import build_timeline_tab  # noqa: E402
+from app.web_training import build_training_tab  # noqa: E402
+
+INTRO = ("**Stepwise**: is step 1500 better than step 1000? Pick a checkpoint per column, send a prompt "
+         "(or draw a held-out one), and vote. Root: `{root}`")
+
+
+def build_app(cfg: WebConfig) -> gr.Blocks:
+    """The whole page; one model cache and one votes file shared by every browser."""
+    cache = ModelCache(cfg.cache_bytes)
+    votes = VoteStore(cfg.root)
+    with gr.Blocks(title="Stepwise: compare checkpoints") as demo:
+        gr.Markdown(INTRO.format(root=cfg.root))
+        with gr.Tabs():
+            with gr.Tab("Compare", id="compare"):
+                compare = CompareTab(cfg, cache, votes)
+            with gr.Tab("Timeline", id="timeline"):
+                timeline = build_timeline_tab(cfg)
+            with gr.Tab("Training", id="training"):
+                training = build_training_tab(cfg)
+            with gr.Tab("Eval", id="eval"):
+                evaluation = build_eval_tab(cfg, cache)
+
+        run_dropdowns = [timeline.run, training.run]
+
+        def lists(picks: list, run_values: list, fill: bool) -> dict:
+            """Fresh checkpoint and run lists; kept picks stay, empty ones (on load) get defaults."""
+            choices = checkpoint_choices(cfg.root)
+            values = {v for _, v in choices}
+            defaults = default_picks(choices, MAX_SIDES) if fill else [None] * MAX_SIDES
+            out = {p: gr.Dropdown(choices=choices, value=v if v in values else defaults[i])
+                   for i, (p, v) in enumerate(zip(compare.pickers, picks))}
+            out[evaluation.picks] = gr.Dropdown(choices=choices)
+            names = run_choices(cfg.root)
+            for dd, v in zip(run_dropdowns, run_values):
+                out[dd] = gr.Dropdown(choices=names, value=v if v in names else (names[0] if names else None))
+            out[compare.ratings] = compare.ratings_value()
+            return out
+
+        list_inputs = [*compare.pickers, *run_dropdowns]
+        list_outputs = [*compare.pickers, evaluation.picks, *run_dropdowns, compare.ratings]
+
+        def on_load(*values):
+            return lists(list(values[:MAX_SIDES]), list(values[MAX_SIDES:]), fill=True)
+
+        def on_refresh(*values):
+            return lists(list(values[:MAX_SIDES]), list(values[MAX_SIDES:]), fill=False)
+
+        demo.load(on_load, list_inputs, list_outputs, api_visibility="undocumented")
+        compare.refresh.click(on_refresh, list_inputs, list_outputs, api_visibility="undocumented")
+
+        def checkpoints() -> list[dict]:
+            """Every checkpoint under the root: label (run / step, val loss, best) and value to pass on."""
+            return [{"label": label, "value": value} for label, value in checkpoint_choices(cfg.root)]
+
+        def compare_api(prompt: str, checkpoints: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                        top_p: float = 1.0, seed: int = 0) -> list[dict]:
+            """One prompt to several checkpoints (values from /checkpoints), no history: one answer
+            each with its stop reason and speed, or the error that checkpoint gave."""
+            prompt = check_prompt(cfg, prompt)
+            if not isinstance(checkpoints, list) or not 1 <= len(checkpoints) <= MAX_SIDES:
+                raise gr.Error(f"give 1 to {MAX_SIDES} checkpoints")
+            try:
+                paths = [str(_inside(cfg.root, c, "checkpoint")) for c in checkpoints]
+            except StepwiseError as err:
+                raise gr.Error(str(err)) from None
+            session = CompareSession(paths, cache=cache, root=cfg.root,
+                                     settings=settings_from(cfg, temperature, top_p, max_new_tokens, seed))
+            for _ in session.stream_all(prompt):
+                pass
+            return [{"checkpoint": c, "text": s.last.text if s.last and not s.error else None,
+                     "finished": s.last.finished if s.last and not s.error else None,
+                     "new_tokens": s.last.new_tokens if s.last and not s.error else None,
+                     "tokens_per_s": round(s.last.tokens_per_s, 2) if s.last and not s.error else None,
+                     "error": s.error} for c, s in zip(checkpoints, session.sides)]
+
+        gr.api(checkpoints, api_name="checkpoints")
+        gr.api(compare_api, api_name="compare", concurrency_id="generate", concurrency_limit=cfg.concurrency)
+    demo.queue(max_size=256, default_concurrency_limit=4)
+    return demo
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m app.web", description=__doc__.splitlines()[0])
+    p.add_argument("--root", default="checkpoints", help="folder of runs (default: checkpoints)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--prompts", action="append", default=None, metavar="FILE",
+                   help="held-out prompt file for the random-prompt button and the Eval tab (repeatable; "
+                        "default: eval_prompts/*.jsonl)")
+    p.add_argument("--max_new_tokens", type=int, default=512, help="cap on max new tokens per answer (default 512)")
+    p.add_argument("--max_prompt_chars", type=int, default=4000, help="longest prompt accepted (default 4000)")
+    p.add_argument("--cache_gb", type=float, default=4.0, help="memory budget of loaded models in GB (default 4)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="generation requests served at once; others wait in the queue (default 1)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = Path(args.root)
+    try:
+        if not root.is_dir():
+            raise StepwiseError(f"--root {args.root}: no such folder (run `make train` first)")
+        prompt_files = [Path(f) for f in args.prompts or []]
+        for f in prompt_files:
+            if not f.is_file():
+                raise StepwiseError(f"--prompts {f}: no such file")
+        if args.max_new_tokens < 1 or args.max_prompt_chars < 1 or args.concurrency < 1 or args.cache_gb <= 0:
+            raise StepwiseError("--max_new_tokens, --max_prompt_chars, --concurrency and --cache_gb must be positive")
+        cfg = WebConfig(root=root, prompt_files=prompt_files, max_new_tokens=args.max_new_tokens,
+                        max_prompt_chars=args.max_prompt_chars, cache_bytes=int(args.cache_gb * (1 << 30)),
+                        concurrency=args.concurrency)
+    except StepwiseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    demo = build_app(cfg)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True,
+                run_history=False, footer_links=["api"], enable_monitoring=False, quiet=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

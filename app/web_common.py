@@ -1,0 +1,183 @@
+"""What the web app's tabs share: the server's settings, the checkpoint catalogue, and the guard that
+keeps every value a browser or API client sends inside the root.
+
+Checkpoints travel between browser and server as paths relative to the root (`run/step-000500`),
+never as absolute paths; `resolve_checkpoint` is the one place such a value becomes a folder.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.checkpoint import CheckpointInfo, RunInfo, is_checkpoint, list_runs
+from trainer.errors import StepwiseError
+
+REPO = Path(__file__).resolve().parents[1]
+MIN_SIDES, MAX_SIDES = 2, 4
+SIDE_NAMES = "ABCD"
+
+
+@dataclass
+class WebConfig:
+    """How the server was started (`python -m app.web --help`)."""
+
+    root: Path
+    """Folder of runs; nothing outside it is ever loaded or read for a browser."""
+    prompt_files: list[Path] = field(default_factory=list)
+    """Held-out prompt files offered by the random-prompt button and the Eval tab."""
+    max_new_tokens: int = 512
+    """Cap on max new tokens, whatever a client asks for."""
+    max_prompt_chars: int = 4000
+    """Longest prompt accepted."""
+    cache_bytes: int = 4 << 30
+    """Memory budget of the loaded-model cache."""
+    concurrency: int = 1
+    """Generation requests served at once; the rest wait in the queue."""
+
+    def __post_init__(self):
+        self.root = Path(self.root).resolve()
+        if not self.prompt_files:
+            self.prompt_files = sorted((REPO / "eval_prompts").glob("*.jsonl"))
+
+
+# --- the guard -----------------------------------------------------------------------------------
+
+def _inside(root: Path, value, what: str) -> Path:
+    """root / value, refusing anything that is not a plain relative path that stays under root."""
+    if not isinstance(value, str) or not value.strip():
+        raise StepwiseError(f"no {what} chosen")
+    text = value.strip()
+    rel = Path(text)
+    if "\x00" in text or rel.is_absolute() or text.startswith(("~", "\\")) or ".." in rel.parts:
+        raise StepwiseError(f"{text!r}: not a {what} under the root (use a name from the list)")
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise StepwiseError(f"{text!r}: not a {what} under the root (use a name from the list)")
+    return path
+
+
+def resolve_checkpoint(root: Path, value) -> Path:
+    """The checkpoint folder a browser's value names; a StepwiseError for anything else."""
+    path = _inside(root, value, "checkpoint")
+    if not is_checkpoint(path):
+        raise StepwiseError(f"{value}: no checkpoint there (refresh the list)")
+    return path
+
+
+def resolve_run(root: Path, value) -> Path:
+    path = _inside(root, value, "run")
+    if path.parent != root or not path.is_dir():
+        raise StepwiseError(f"{value}: no such run under the root")
+    return path
+
+
+def rel(root: Path, path: Path) -> str:
+    return path.resolve().relative_to(root).as_posix()
+
+
+# --- catalogue -----------------------------------------------------------------------------------
+
+def runs(root: Path) -> list[RunInfo]:
+    try:
+        return list_runs(root)
+    except (OSError, ValueError):  # a run being written can have a half-renamed folder: list the rest
+        return []
+
+
+def checkpoint_label(info: CheckpointInfo) -> str:
+    return info.label
+
+
+def checkpoint_choices(root: Path) -> list[tuple[str, str]]:
+    """(label, value) for every checkpoint under root: runs newest first, steps in order, then final."""
+    return [(checkpoint_label(c), rel(root, c.path)) for r in runs(root) for c in r.checkpoints]
+
+
+def default_picks(choices: list[tuple[str, str]], n: int) -> list[str | None]:
+    """Columns' first picks: the newest run's first and last steps for A and B, steps between for C, D."""
+    values = [v for _, v in choices]
+    if not values:
+        return [None] * n
+    run = values[0].split("/")[0]
+    same = [v for v in values if v.split("/")[0] == run and not v.endswith("/final")] or values
+    spread = [same[round(i * (len(same) - 1) / max(n - 1, 1))] for i in range(n)]
+    return [spread[0], spread[-1], *spread[1:-1]][:n] if n >= 2 else spread
+
+
+def run_choices(root: Path) -> list[str]:
+    return [r.name for r in runs(root)]
+
+
+def prompt_file_choices(cfg: WebConfig) -> list[str]:
+    return [p.name for p in cfg.prompt_files]
+
+
+def resolve_prompt_file(cfg: WebConfig, name) -> Path:
+    """Only files the server was started with: a browser never names a path."""
+    for p in cfg.prompt_files:
+        if p.name == name:
+            return p
+    raise StepwiseError(f"{name!r}: not one of this server's prompt files")
+
+
+# --- formatting ----------------------------------------------------------------------------------
+
+def esc(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def constraints_html(instruction_ids: list[str], kwargs: list[dict] | None, reference: str | None) -> str:
+    """A held-out prompt's checks and reference answer."""
+    parts = []
+    if instruction_ids:
+        items = []
+        for i, iid in enumerate(instruction_ids):
+            kw = {k: v for k, v in ((kwargs or [{}] * len(instruction_ids))[i] or {}).items() if v is not None}
+            extra = f" <code>{esc(json.dumps(kw, ensure_ascii=False))}</code>" if kw else ""
+            items.append(f"<li><code>{esc(iid)}</code>{extra}</li>")
+        parts.append(f"<b>Constraints</b><ul>{''.join(items)}</ul>")
+    if reference:
+        parts.append(f"<b>Reference</b><div class='sw-ref'>{esc(reference)}</div>")
+    return "".join(parts) or "<i>No constraints or reference for this prompt.</i>"
+
+
+def scores_html(scores: dict | None) -> str:
+    """Per-instruction pass/fail (strict, loose) and rougeL of one answer."""
+    if not scores:
+        return ""
+    marks = []
+    for iid, s, lo in zip(scores.get("instruction_id_list") or [], scores.get("strict") or [],
+                          scores.get("loose") or []):
+        verdict = "pass" if s else ("loose pass" if lo else "fail")
+        cls = "sw-pass" if s else ("sw-loose" if lo else "sw-fail")
+        marks.append(f"<li class='{cls}'><code>{esc(iid)}</code>: {verdict}</li>")
+    rouge = scores.get("rougeL")
+    tail = []
+    if rouge is not None:
+        tail.append(f"rougeL {rouge:.3f}")
+    if scores.get("length") is not None:
+        tail.append(f"{scores['length']} words")
+    body = f"<ul class='sw-checks'>{''.join(marks)}</ul>" if marks else ""
+    return f"<div class='sw-scores'>{body}<span>{' · '.join(tail)}</span></div>"
+
+
+CSS = """
+.sw-scores ul, .sw-checks {margin: 0.2em 0; padding-left: 1.2em;}
+.sw-pass {color: #15803d;} .sw-loose {color: #b45309;} .sw-fail {color: #b91c1c;}
+.sw-ref {white-space: pre-wrap; border-left: 3px solid #9ca3af; padding-left: 0.6em; margin: 0.3em 0;}
+.sw-answer {white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 0.9em;
+            background: rgba(127,127,127,0.08); padding: 0.5em; border-radius: 4px; margin: 0.3em 0;}
+.sw-step {border: 1px solid rgba(127,127,127,0.3); border-radius: 6px; padding: 0.6em; margin-bottom: 0.6em;}
+.sw-best {border-color: #2563eb; border-width: 2px;}
+"""

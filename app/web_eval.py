@@ -1,0 +1,119 @@
+"""Eval tab: held-out scoring on chosen checkpoints, with a progress bar, a summary table and the
+per-prompt answers side by side. The generation and scores are the trainer's own (trainer.evaluate),
+so a number here is the number `trainer eval` and the training run report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from app.web_common import WebConfig, prompt_file_choices, rel, resolve_checkpoint, resolve_prompt_file
+from trainer.errors import StepwiseError
+from trainer.generate import GenerationSettings
+from trainer.prompts import load_prompts
+from trainer.scoring import score_response, summarize
+
+SUMMARY_KEYS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose", "rougeL", "mean_length")
+SUMMARY_HEADERS = ["checkpoint", "n", *SUMMARY_KEYS, "finished"]
+MAX_EVAL_PROMPTS = 200
+CHUNK = 8  # prompts per call, so the progress bar moves within a checkpoint
+
+
+def score_chunk(loaded, prompts, settings: GenerationSettings) -> list[dict]:
+    """Score rows (score_response + finished, new_tokens) for a few prompts, via trainer.evaluate when
+    it is there; otherwise the same generate_batch + score_response it is built from."""
+    try:
+        from trainer.evaluate import heldout_samples
+    except ImportError:
+        heldout_samples = None
+    if heldout_samples is not None:
+        rows, _ = heldout_samples(loaded.model, loaded.tokenizer, prompts, settings)
+        return rows
+    from trainer.generate import generate_batch
+
+    gens = generate_batch(loaded.model, loaded.tokenizer, [[{"role": "user", "content": p.prompt}] for p in prompts],
+                          settings)
+    return [{**score_response(p, g.text), "finished": g.finished, "new_tokens": g.new_tokens}
+            for p, g in zip(prompts, gens)]
+
+
+def _mark(row: dict) -> str:
+    checks = " ".join(("✓" if s else "✗") for s in row.get("strict") or [])
+    rouge = f" rougeL {row['rougeL']:.2f}" if row.get("rougeL") is not None else ""
+    return f"{row.get('response', '')}\n[{checks or '-'}{rouge}]"
+
+
+def run_eval(cfg: WebConfig, cache, picks, prompt_file, n_prompts, max_new_tokens, progress):
+    if not picks:
+        raise gr.Error("Choose at least one checkpoint.")
+    try:
+        paths = [resolve_checkpoint(cfg.root, p) for p in picks]
+        prompts = load_prompts(resolve_prompt_file(cfg, prompt_file))
+    except StepwiseError as err:
+        raise gr.Error(str(err)) from None
+    prompts = prompts[: max(1, min(int(n_prompts or 1), MAX_EVAL_PROMPTS))]
+    settings = GenerationSettings(max_new_tokens=max(1, min(int(max_new_tokens or 1), cfg.max_new_tokens)))
+    total = len(paths) * len(prompts)
+    summary, answers = [], {p.key: [p.key, p.prompt] for p in prompts}
+    done = 0
+    for path in paths:
+        name = rel(cfg.root, path)
+        progress((done, total), desc=f"loading {name}")
+        try:
+            loaded = cache.get(path)
+        except StepwiseError as err:
+            summary.append([name, 0, *([None] * len(SUMMARY_KEYS)), f"error: {err}"])
+            for row in answers.values():
+                row.append(f"error: {err}")
+            done += len(prompts)
+            continue
+        rows = []
+        for start in range(0, len(prompts), CHUNK):
+            progress((done, total), desc=f"{name}: prompt {start + 1} of {len(prompts)}")
+            rows += score_chunk(loaded, prompts[start:start + CHUNK], settings)
+            done += len(prompts[start:start + CHUNK])
+        s = summarize(rows, [bool(r.get("finished")) for r in rows])
+        finished = sum(bool(r.get("finished")) for r in rows)
+        summary.append([name, s.get("n"), *(_round(s.get(k)) for k in SUMMARY_KEYS), f"{finished}/{len(rows)}"])
+        for p, row in zip(prompts, rows):
+            answers[p.key].append(_mark(row))
+    progress((total, total), desc="done")
+    headers = ["key", "prompt", *(rel(cfg.root, p) for p in paths)]
+    return pd.DataFrame(summary, columns=SUMMARY_HEADERS), pd.DataFrame(list(answers.values()), columns=headers)
+
+
+def _round(value, digits: int = 4):
+    return round(value, digits) if isinstance(value, float) else value
+
+
+@dataclass
+class EvalTab:
+    picks: gr.Dropdown
+
+
+def build_eval_tab(cfg: WebConfig, cache) -> EvalTab:
+    gr.Markdown("Generate on held-out prompts with the chosen checkpoints (greedy) and score the answers.")
+    picks = gr.Dropdown(label="Checkpoints", choices=[], multiselect=True, allow_custom_value=True,
+                        elem_id="eval-checkpoints")
+    with gr.Row():
+        files = prompt_file_choices(cfg)
+        prompt_file = gr.Dropdown(label="Held-out prompts", choices=files, value=files[0] if files else None,
+                                  elem_id="eval-prompts")
+        n_prompts = gr.Slider(1, MAX_EVAL_PROMPTS, value=16, step=1, label="Prompts (the first N)")
+        max_new = gr.Slider(1, cfg.max_new_tokens, value=min(96, cfg.max_new_tokens), step=1,
+                            label="Max new tokens")
+    go = gr.Button("Run held-out eval", variant="primary", elem_id="eval-run")
+    summary = gr.Dataframe(headers=SUMMARY_HEADERS, label="Scores", interactive=False, elem_id="eval-summary")
+    answers = gr.Dataframe(label="Answers side by side (✓/✗: each instruction, strict)", interactive=False,
+                           wrap=True, elem_id="eval-answers")
+
+    def evaluate(picks, prompt_file, n_prompts, max_new, progress=gr.Progress()):
+        return run_eval(cfg, cache, picks, prompt_file, n_prompts, max_new, progress)
+
+    go.click(evaluate, [picks, prompt_file, n_prompts, max_new], [summary, answers], api_name="eval",
+             concurrency_id="generate", concurrency_limit=cfg.concurrency)
+    return EvalTab(picks)
+
+

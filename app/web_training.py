@@ -1,0 +1,147 @@
+"""Training tab: a run's loss curves with checkpoint and best markers, IF metrics per checkpoint,
+early-stopping state, the overfitting verdict, and the planner's table for the run's config."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from app.web_common import WebConfig, esc, fmt, resolve_run, run_choices
+from trainer.checkpoint import read_run
+from trainer.errors import StepwiseError
+from trainer.metrics import classify_trend
+
+IF_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose", "rougeL", "mean_length")
+CHECKPOINT_HEADERS = ["checkpoint", "step", "epoch", "val_loss", *IF_METRICS]
+
+
+def loss_figure(history: list[dict], checkpoint_steps: list[int], best_step: int | None):
+    """Train and val loss against step; dotted lines at checkpoints, a star on the best."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state in a server
+
+    fig = Figure(figsize=(9, 4.2), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    train = [(h["step"], h["train_loss"]) for h in history if h.get("train_loss") is not None]
+    val = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#2563eb", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss", color="#ea580c", linewidth=1.5, markersize=4)
+    for i, step in enumerate(checkpoint_steps):
+        ax.axvline(step, color="#6b7280", linestyle=":", linewidth=1, label="checkpoint" if i == 0 else None)
+    best_val = dict(val).get(best_step) if best_step is not None else None
+    if best_val is not None:
+        ax.plot([best_step], [best_val], "*", color="#16a34a", markersize=16, label=f"best (step {best_step})",
+                zorder=5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend(loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no losses logged yet", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+def checkpoint_rows(run) -> list[list]:
+    by_step = {h["step"]: h for h in run.metrics.get("history", [])}
+    rows = []
+    for c in run.checkpoints:
+        h = by_step.get(c.step, {})
+        m = {**{k: h.get(k) for k in IF_METRICS}, **(c.metrics or {})}
+        name = ("final" if c.is_final else f"step {c.step}") + (" (best)" if c.is_best else "")
+        rows.append([name, c.step, _round(h.get("epoch")), _round(c.val_loss), *(_round(m.get(k)) for k in IF_METRICS)])
+    return rows
+
+
+def _round(value, digits: int = 4):
+    return round(value, digits) if isinstance(value, float) else value
+
+
+def status_markdown(metrics: dict) -> str:
+    """Stop reason, early-stopping state, the trend (overfitting verdict) and the recommendation."""
+    history = metrics.get("history", [])
+    trend = metrics.get("trend") or (classify_trend(history) if history else None)
+    es = metrics.get("early_stopping") or {}
+    best = metrics.get("best") or {}
+    lines = [f"**Verdict:** {trend or 'no evaluations yet'}"]
+    if metrics.get("recommendation"):
+        lines.append(f"**Recommendation:** {metrics['recommendation']}")
+    if metrics.get("stop_reason"):
+        lines.append(f"**Stopped:** {metrics['stop_reason']}")
+    elif history:
+        lines.append(f"**Running or interrupted:** last logged step {history[-1].get('step')}")
+    if best:
+        lines.append(f"**Best:** step {best.get('step')} ({best.get('metric', 'val_loss')} "
+                     f"{fmt(best.get('value', best.get('val_loss')), 4)}), epoch {fmt(best.get('epoch'), 2)}")
+    if es:
+        patience = es.get("patience")
+        lines.append(f"**Early stopping:** on {es.get('metric', 'val_loss')}, "
+                     + (f"patience {patience}, threshold {es.get('threshold')}, " if patience else "off, ")
+                     + f"{es.get('bad_evals', 0)} evaluation(s) without improvement"
+                     + (", stopped" if es.get("stopped") else ""))
+    return "\n\n".join(lines)
+
+
+def plan_text(run_dir: Path, metrics: dict) -> str:
+    """The planner's table for the run's saved config; without a planner, the config and counts."""
+    config_path = run_dir / "config.yaml"
+    try:
+        from trainer.config import load_saved
+        from trainer.plan import plan_table
+
+        table = plan_table(load_saved(config_path))
+        if isinstance(table, str):
+            return table
+        from rich.console import Console
+
+        console = Console(file=io.StringIO(), width=110, record=True, color_system=None)
+        console.print(table)
+        return console.export_text()
+    except ImportError:
+        pass
+    except Exception as err:  # a planner failure must not take the tab down
+        return f"planner failed: {err}"
+    data = metrics.get("data") or {}
+    counts = "\n".join(f"{k}: {v}" for k, v in data.items())
+    config = config_path.read_text() if config_path.is_file() else "(no config.yaml)"
+    return f"# counts from training_metrics.json (planner not available)\n{counts}\n\n# config.yaml\n{config}"
+
+
+@dataclass
+class TrainingTab:
+    run: gr.Dropdown
+
+
+def build_training_tab(cfg: WebConfig) -> TrainingTab:
+    with gr.Row():
+        run = gr.Dropdown(label="Run", choices=[], elem_id="training-run", allow_custom_value=True)
+        refresh = gr.Button("Refresh", scale=0)
+    plot = gr.Plot(label="Loss", elem_id="training-plot")
+    status = gr.Markdown(elem_id="training-status")
+    table = gr.Dataframe(headers=CHECKPOINT_HEADERS, label="Checkpoints: val loss and held-out metrics",
+                         interactive=False, elem_id="training-checkpoints")
+    with gr.Accordion("Plan for this run's config", open=False):
+        plan = gr.Code(label="plan", language=None, interactive=False, elem_id="training-plan")
+
+    def show(name):
+        try:
+            run_dir = resolve_run(cfg.root, name)
+        except StepwiseError as err:
+            return None, f"*{esc(err)}*", [], ""
+        info = read_run(run_dir)
+        steps = [c.step for c in info.checkpoints if not c.is_final and c.step is not None]
+        best = (info.metrics.get("best") or {}).get("step")
+        fig = loss_figure(info.metrics.get("history", []), steps, best)
+        return fig, status_markdown(info.metrics), checkpoint_rows(info), plan_text(run_dir, info.metrics)
+
+    def refresh_runs(current):
+        names = run_choices(cfg.root)
+        return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
+
+    run.change(show, run, [plot, status, table, plan], api_name="training")
+    refresh.click(refresh_runs, run, run, api_visibility="undocumented").then(show, run, [plot, status, table, plan])
+    return TrainingTab(run)

@@ -1,0 +1,283 @@
+"""The web app (app/web*.py): the path guard, the catalogue, the Timeline/Training/Eval pieces, and the
+real server in a subprocess driven through gradio_client (API, path escapes, 20 concurrent requests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from app.web_common import (WebConfig, _inside, checkpoint_choices, default_picks, resolve_checkpoint, resolve_run,
+                            scores_html)
+from trainer.errors import StepwiseError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROMPTS = [
+    {"key": "lower", "prompt": "Write one sentence about cats, all in lowercase.",
+     "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}], "reference": "cats are small cats."},
+    {"key": "words", "prompt": "Name three colours in fewer than 20 words.",
+     "instruction_id_list": ["length_constraints:number_words"],
+     "kwargs": [{"relation": "less than", "num_words": 20}], "reference": "red green blue"},
+]
+
+
+# --- fixture: a small run in the trainer's layout ----------------------------------------------------
+
+def make_demo_root(root: Path, steps=(10, 20, 30), run: str = "demo") -> Path:
+    """root/<run>/ with config.yaml, training_metrics.json, step folders (tiny random Llamas with
+    trainer_state.json and samples.jsonl) and final/ (a copy of the best); also root/prompts.jsonl.
+    The layout of design section 3, made without training so these tests run in seconds."""
+    from trainer.checkpoint import save_hf, step_dir_name, write_final
+    from trainer.config import Config
+    from trainer.models import build_demo_model, build_demo_tokenizer
+    from trainer.prompts import load_prompts
+    from trainer.scoring import score_response
+
+    run_dir = root / run
+    run_dir.mkdir(parents=True)
+    prompt_file = root / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    heldout = load_prompts(prompt_file)
+    texts = [p["prompt"] + " " + p["reference"] for p in PROMPTS] * 4 + ["### Instruction:\n", "### Response:\n"]
+    tok = build_demo_tokenizer(texts, vocab_size=300)
+    (run_dir / "config.yaml").write_text(Config().to_yaml())
+    history, vals = [], {}
+    for n, step in enumerate(steps):
+        val = 3.0 - 0.5 * n if n < 2 else 2.5 + 0.2 * (n - 1)  # best at the second checkpoint
+        vals[step] = val
+        for s in range(step - 10 + 5, step + 1, 5):
+            history.append({"step": s, "epoch": s / 100, "train_loss": 3.5 - s / 20, "lr": 1e-3, "tokens": s * 100})
+        history[-1].update(val_loss=val, val_ppl=2.718 ** val, if_prompt_strict=0.5, rougeL=0.1 * n)
+        folder = run_dir / step_dir_name(step)
+        model = build_demo_model(tok, 128, seed=n)
+        save_hf(model, tok, folder)
+        samples = [{**score_response(p, f"answer {p.key} at step {step}"), "finished": True, "new_tokens": 5}
+                   for p in heldout]
+        (folder / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        (folder / "trainer_state.json").write_text(json.dumps(
+            {"step": step, "epoch": step / 100, "val_loss": val, "metrics": {"if_prompt_strict": 0.5, "rougeL": 0.1}}))
+    best = min(vals, key=vals.get)
+    write_final(run_dir, run_dir / step_dir_name(best))
+    (run_dir / "training_metrics.json").write_text(json.dumps({
+        "history": history, "best": {"step": best, "epoch": best / 100, "val_loss": vals[best],
+                                     "checkpoint": step_dir_name(best), "metric": "val_loss", "value": vals[best]},
+        "early_stopping": {"metric": "val_loss", "patience": 3, "threshold": 0.0, "best_value": vals[best],
+                           "bad_evals": 1, "stopped": False},
+        "trend": "overfitting", "stop_reason": f"finished: reached {steps[-1]} steps",
+        "recommendation": "overfitting (val loss rising while train loss falls): stop",
+        "data": {"train_examples": 570, "val_examples": 30, "steps_per_epoch": 100}}))
+    return run_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m app.web` in a subprocess, as `make app` starts it."""
+
+    def __init__(self, root: Path, log: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "app.web", "--root", str(root), "--port", str(self.port),
+                                      "--prompts", str(root / "prompts.jsonl"), *extra],
+                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{log.read_text()}")
+            try:
+                urllib.request.urlopen(self.url, timeout=2).read()
+                return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise AssertionError(f"server did not come up:\n{log.read_text()}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and urllib.request.urlopen(self.url, timeout=5).status == 200
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("web") / "checkpoints"
+    make_demo_root(root)
+    # A checkpoint that cannot load (its weights are not safetensors) and one outside the root.
+    broken = root / "broken" / "step-000010"
+    shutil.copytree(root / "demo" / "step-000010", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    shutil.copytree(root / "demo" / "step-000010", root.parent / "outside" / "step-000010")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(demo_root, tmp_path_factory):
+    log = tmp_path_factory.mktemp("web-log") / "server.log"
+    srv = Server(demo_root, log, "--max_new_tokens", "8")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server.url, verbose=False)
+
+
+# --- the guard and the catalogue ---------------------------------------------------------------------
+
+def test_guard_refuses_everything_outside_the_root(demo_root):
+    root = demo_root.resolve()
+    assert resolve_checkpoint(root, "demo/step-000010") == root / "demo" / "step-000010"
+    bad = ["../outside/step-000010", str(root.parent / "outside" / "step-000010"), "/etc/passwd", "~/x",
+           "demo/../../outside/step-000010", "", None, 3, ["demo/step-000010"], "demo\x00/step-000010", "."]
+    for value in bad:
+        with pytest.raises(StepwiseError):
+            _inside(root, value, "checkpoint")
+    (root / "link").symlink_to(root.parent / "outside", target_is_directory=True)
+    try:
+        with pytest.raises(StepwiseError):
+            _inside(root, "link/step-000010", "checkpoint")
+    finally:
+        (root / "link").unlink()
+    with pytest.raises(StepwiseError, match="no checkpoint"):
+        resolve_checkpoint(root, "demo/step-000099")
+    with pytest.raises(StepwiseError):
+        resolve_run(root, "demo/step-000010")
+    assert resolve_run(root, "demo") == root / "demo"
+
+
+def test_catalogue_lists_every_checkpoint_grouped_with_best(demo_root):
+    choices = checkpoint_choices(demo_root.resolve())
+    values = [v for _, v in choices]
+    assert {"demo/step-000010", "demo/step-000020", "demo/step-000030", "demo/final", "broken/step-000010"} == set(values)
+    demo = [label for label, v in choices if v.startswith("demo/")]
+    assert demo[0].startswith("demo / step 10 val 3.000") and "(best)" in demo[1] and demo[-1].startswith("demo / final")
+    runs = [v.split("/")[0] for v in values]
+    assert runs == sorted(runs, key=runs.index)  # each run's checkpoints together
+    assert default_picks([(v, v) for v in ["r/step-000010", "r/step-000020", "r/step-000030", "r/final"]], 2) == \
+        ["r/step-000010", "r/step-000030"]
+    assert default_picks([], 2) == [None, None]
+
+
+def test_timeline_training_and_scores_render(demo_root):
+    from app.web_timeline import prompt_choices, timeline_html
+    from app.web_training import checkpoint_rows, loss_figure, plan_text, status_markdown
+    from trainer.checkpoint import read_run
+
+    run_dir = demo_root / "demo"
+    assert [k for _, k in prompt_choices(run_dir)] == ["lower", "words"]
+    page = timeline_html(run_dir, "words")
+    assert page.index("answer words at step 10") < page.index("at step 20") < page.index("at step 30")
+    assert "length_constraints:number_words" in page and "best" in page
+    info = read_run(run_dir)
+    rows = checkpoint_rows(info)
+    assert [r[0] for r in rows] == ["step 10", "step 20 (best)", "step 30", "final"]
+    assert "overfitting" in status_markdown(info.metrics) and "patience 3" in status_markdown(info.metrics)
+    fig = loss_figure(info.metrics["history"], [10, 20, 30], 20)
+    assert len(fig.axes[0].lines) >= 5  # train, val, 3 checkpoint lines, best star
+    assert "steps_per_epoch" in plan_text(run_dir, info.metrics) or "Plan" in plan_text(run_dir, info.metrics)
+    html = scores_html({"instruction_id_list": ["a", "b"], "strict": [True, False], "loose": [True, True],
+                        "rougeL": 0.25, "length": 4})
+    assert "a</code>: pass" in html and "b</code>: loose pass" in html and "rougeL 0.250" in html
+
+
+def test_web_config_defaults_to_repo_prompt_files(tmp_path):
+    cfg = WebConfig(root=tmp_path)
+    assert cfg.root == tmp_path.resolve()
+    assert all(p.suffix == ".jsonl" for p in cfg.prompt_files)
+
+
+def test_cli_refuses_missing_root(tmp_path, capsys):
+    from app.web import main
+
+    assert main(["--root", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+# --- the real server ---------------------------------------------------------------------------------
+
+def test_api_lists_and_compares_checkpoints(client):
+    listed = {c["value"]: c["label"] for c in client.predict(api_name="/checkpoints")}
+    assert "demo/step-000020" in listed and "(best)" in listed["demo/step-000020"]
+    out = client.predict(prompt="Name three colours.", checkpoints=["demo/step-000010", "demo/step-000030"],
+                         max_new_tokens=500, api_name="/compare")
+    assert [o["checkpoint"] for o in out] == ["demo/step-000010", "demo/step-000030"]
+    for o in out:
+        assert o["error"] is None and isinstance(o["text"], str)
+        assert 1 <= o["new_tokens"] <= 8  # the server's cap, not the 500 asked for
+
+
+def test_broken_checkpoint_errors_in_its_column_only(client, server):
+    out = client.predict(prompt="hi", checkpoints=["broken/step-000010", "demo/step-000010"], api_name="/compare")
+    assert out[0]["error"] and out[0]["text"] is None
+    assert out[1]["error"] is None and out[1]["text"] is not None
+    assert server.alive()
+
+
+@pytest.mark.parametrize("value", ["../outside/step-000010", "demo/../../outside/step-000010", "ABSOLUTE",
+                                   "/etc", "~/step-000010"])
+def test_api_never_loads_outside_the_root(client, demo_root, value):
+    from gradio_client.exceptions import AppError
+
+    if value == "ABSOLUTE":
+        value = str(demo_root.parent / "outside" / "step-000010")
+    with pytest.raises(AppError, match="not a checkpoint under the root"):
+        client.predict(prompt="hi", checkpoints=[value, "demo/step-000010"], api_name="/compare")
+    # The stateful endpoint of the page: a bad pick leaves its column empty with the reason.
+    result = client.predict("hi", 2, value, "demo/step-000010", None, None, 0.0, 1.0, 4, 0, api_name="/send")
+    shown = json.dumps(result)
+    assert "not a checkpoint under the root" in shown
+
+
+def test_prompt_length_is_capped(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="at most 4000"):
+        client.predict(prompt="x" * 4001, checkpoints=["demo/step-000010"], api_name="/compare")
+
+
+def test_twenty_concurrent_requests_all_answered(server):
+    from gradio_client import Client
+
+    def ask(i: int):
+        c = Client(server.url, verbose=False)
+        return c.predict(prompt=f"request {i}", checkpoints=["demo/step-000010", "demo/step-000020"],
+                         max_new_tokens=4, api_name="/compare")
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(ask, range(20)))
+    assert len(results) == 20
+    assert all(len(r) == 2 and all(o["error"] is None and o["text"] is not None for o in r) for r in results)
+    assert server.alive()
+
+
+def test_eval_endpoint_scores_checkpoints(client):
+    summary, answers = client.predict(["demo/step-000010", "demo/step-000030"], "prompts.jsonl", 2, 4,
+                                      api_name="/eval")
+    assert [r[0] for r in summary["data"]] == ["demo/step-000010", "demo/step-000030"]
+    assert answers["headers"][:2] == ["key", "prompt"] and len(answers["data"]) == 2

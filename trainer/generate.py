@@ -122,22 +122,33 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def is_hub_id(name: str) -> bool:
+    """"org/name" is a hub id unless it exists or "org" is a local folder (then a mistyped
+    checkpoint path fails at once, not after the hub client's retries)."""
+    p = Path(name)
+    return not (p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1 or p.parent.is_dir())
+
+
+def check_model_folder(path: str | Path) -> None:
+    """A StepwiseError naming the folder unless it holds a config, weights and a tokenizer."""
+    p = Path(path)
+    if not p.is_dir():
+        raise StepwiseError(f"{path}: no such checkpoint folder")
+    if not (p / "config.json").is_file():
+        raise StepwiseError(f"{path}: no config.json (not a Hugging Face model folder)")
+    if not any((p / w).is_file() for w in WEIGHT_FILES):
+        raise StepwiseError(f"{path}: no model weights ({WEIGHT_FILES[0]})")
+    if not any((p / t).is_file() for t in TOKENIZER_FILES):
+        raise StepwiseError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+
+
 def load_model(path: str | Path, device: str | None = None) -> LoadedModel:
     """A step folder, final/, any Hugging Face folder or hub id, in eval mode with its own tokenizer
     and chat template. A folder that lacks weights or a tokenizer is a StepwiseError naming it."""
     p = Path(path)
     name = str(path)
-    # "org/name" is a hub id unless "org" is a local folder (a mistyped checkpoint path must fail at
-    # once, not after the hub client's retries).
-    if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1 or p.parent.is_dir():
-        if not p.is_dir():
-            raise StepwiseError(f"{name}: no such checkpoint folder")
-        if not (p / "config.json").is_file():
-            raise StepwiseError(f"{name}: no config.json (not a Hugging Face model folder)")
-        if not any((p / w).is_file() for w in WEIGHT_FILES):
-            raise StepwiseError(f"{name}: no model weights ({WEIGHT_FILES[0]})")
-        if not any((p / t).is_file() for t in TOKENIZER_FILES):
-            raise StepwiseError(f"{name}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    if not is_hub_id(name):
+        check_model_folder(p)
     device = device or default_device()
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     with _LOAD_LOCK:

@@ -1,0 +1,79 @@
+"""Held-out prompts that also appear in the training data: exact copies and near-duplicates.
+
+Exact: equal after lower-casing and collapsing whitespace. Near: the share of a held-out prompt's
+word n-grams (lower-cased \\w+ words, n=8 by default) that occur anywhere in the training prompts
+reaches the threshold, the n-gram overlap measure of the GPT-3 and Llama 2 contamination studies.
+The training n-grams are hashed into one dict once, so a check is a single pass over each side.
+A prompt shorter than n words has no n-grams and is checked for exact copies only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+_WORD = re.compile(r"\w+")
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _grams(text: str, n: int) -> list[int]:
+    words = _WORD.findall(text.lower())
+    return [hash(" ".join(words[i:i + n])) for i in range(len(words) - n + 1)]
+
+
+def find_contamination(heldout_prompts: list[str], train_prompts: list[str], n: int = 8, threshold: float = 0.5,
+                       keys: list[str] | None = None) -> dict:
+    """{"count", "indices", "keys", "exact": [i...], "near": [{"index", "key", "overlap", "train_index"}...],
+    "n", "threshold", "train_prompts"}: indices into heldout_prompts, keys from `keys` (default the
+    indices as strings); a near entry names the training prompt sharing the most n-grams with it."""
+    keys = [str(k) for k in keys] if keys is not None else [str(i) for i in range(len(heldout_prompts))]
+    exact_index = {}
+    gram_index: dict[int, int] = {}
+    for j, text in enumerate(train_prompts):
+        exact_index.setdefault(normalise(text), j)
+        for g in _grams(text, n):
+            gram_index.setdefault(g, j)
+    exact, near = [], []
+    for i, text in enumerate(heldout_prompts):
+        if normalise(text) in exact_index:
+            exact.append(i)
+            continue
+        grams = _grams(text, n)
+        if not grams:
+            continue
+        hits = [gram_index[g] for g in grams if g in gram_index]
+        overlap = len(hits) / len(grams)
+        if hits and overlap >= threshold:
+            near.append({"index": i, "key": keys[i], "overlap": round(overlap, 4),
+                         "train_index": Counter(hits).most_common(1)[0][0]})
+    indices = sorted(exact + [x["index"] for x in near])
+    return {"count": len(indices), "indices": indices, "keys": [keys[i] for i in indices], "exact": exact,
+            "near": near, "n": n, "threshold": threshold, "heldout_prompts": len(heldout_prompts),
+            "train_prompts": len(train_prompts)}
+
+
+def record_prompts(records: list[dict]) -> list[str]:
+    """Every user turn of trainer.data-style records ({"messages": [...]}), as training prompts."""
+    return [m["content"] for r in records for m in r["messages"] if m["role"] == "user"]
+
+
+def check_prompts_against_records(prompts: list[str], records: list[dict], keys: list[str] | None = None,
+                                  n: int = 8, threshold: float = 0.5) -> dict:
+    """find_contamination against the user turns of training records."""
+    return find_contamination(prompts, record_prompts(records), n=n, threshold=threshold, keys=keys)
+
+
+def warn(found: dict, console=None, source: str = "the training data") -> None:
+    """Print the count and the first keys (nothing when clean)."""
+    if not found.get("count"):
+        return
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    first = ", ".join(found["keys"][:5]) + (" ..." if found["count"] > 5 else "")
+    console.print(f"[yellow]warning:[/] {found['count']} of {found['heldout_prompts']} held-out prompt(s) also "
+                  f"appear in {source} ({len(found['exact'])} exact, {len(found['near'])} near-duplicate by "
+                  f"{found['n']}-gram overlap >= {found['threshold']:.0%}): {first}")

@@ -1,0 +1,378 @@
+"""`python -m trainer eval [CKPT ...] --prompts FILE`: generate on held-out prompts with checkpoints,
+score them, and report one row per checkpoint.
+
+CKPT is a step folder, final/, a run folder (all its checkpoints) or any Hugging Face model folder;
+none means every checkpoint of the newest run under --root. Results (per-prompt rows and the summary)
+go to <run>/eval/<checkpoint>-<key>.json, where the key hashes what decides the answers: the weights
+file's path, size and mtime, the prompt file's content, --limit and the generation settings. A second
+identical evaluation reads that file instead of generating. A PNG of every metric against step is
+written to <run>/eval/metrics.png. The trainer scores its held-out prompts at each checkpoint with
+heldout_samples(), the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.checkpoint import (STEP_RE, WEIGHT_FILES, CheckpointInfo, is_checkpoint, newest_run, read_json,
+                                read_run, write_json_atomic)
+from trainer.errors import StepwiseError
+from trainer.generate import (GenerationSettings, check_model_folder, default_device, generate_batch, is_hub_id,
+                              load_model)
+
+DEFAULT_PROMPTS = "eval_prompts/demo_ifeval.jsonl"
+CACHE_VERSION = 1  # bump when the result file's content or the scoring changes meaning
+IF_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose")
+
+
+# --- the library function the trainer calls ------------------------------------------------------
+
+def heldout_samples(model, tokenizer, prompts: list, settings: GenerationSettings, batch_size: int = 16,
+                    on_batch: Callable[[int], None] | None = None) -> tuple[list[dict], dict]:
+    """Generate on held-out prompts (batched, as generate_batch) and score each answer. Returns the
+    per-prompt rows (score_response's dict plus `finished` and `new_tokens`) and summarize()'s dict."""
+    from trainer.scoring import score_response, summarize
+
+    conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]
+    generations = generate_batch(model, tokenizer, conversations, settings, batch_size=batch_size, on_batch=on_batch)
+    rows = []
+    for p, g in zip(prompts, generations):
+        row = score_response(p, g.text)
+        row.update(finished=g.finished, new_tokens=g.new_tokens)
+        rows.append(row)
+    return rows, summarize(rows, finished=[g.finished for g in generations])
+
+
+# --- what to evaluate ----------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """One checkpoint to evaluate, and where its results go."""
+
+    path: str
+    """The folder (or hub id) to load."""
+    name: str
+    """step-000010, final, or the folder's name."""
+    info: CheckpointInfo | None
+    """What its run recorded (step, val loss), when it sits in a run."""
+    out_dir: Path
+    """<run>/eval, or <root>/eval for a folder outside any run."""
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.info.path.parent if self.info is not None else None
+
+
+def _run_targets(run_dir: Path) -> list[Target]:
+    """Every checkpoint of a run; final/ only when its step is not also a step folder (it is a copy)."""
+    run = read_run(run_dir)
+    steps = {c.step for c in run.checkpoints if not c.is_final}
+    out = []
+    for info in run.checkpoints:
+        if info.is_final and info.step in steps:
+            continue
+        check_model_folder(info.path)
+        out.append(Target(str(info.path), info.path.name, info, run_dir / "eval"))
+    return out
+
+
+def expand(specs: list[str], root: str | Path) -> list[Target]:
+    """The checkpoints the arguments name, every folder checked before anything is generated."""
+    if not specs:
+        run = newest_run(root)
+        return _run_targets(run.path)
+    targets: list[Target] = []
+    for spec in specs:
+        p = Path(spec)
+        if is_checkpoint(p) or (p / "config.json").is_file():
+            check_model_folder(p)
+            info = None
+            if STEP_RE.match(p.name) or p.name == "final":
+                info = next((c for c in read_run(p.parent).checkpoints if c.path.resolve() == p.resolve()), None)
+            out_dir = p.parent / "eval" if info is not None else Path(root) / "eval"
+            targets.append(Target(str(p), p.name, info, out_dir))
+        elif p.is_dir() and read_run(p).checkpoints:
+            targets += _run_targets(p)
+        elif p.is_dir():
+            raise StepwiseError(f"{spec}: not a checkpoint, run folder or Hugging Face model folder "
+                                "(no config.json, no step-*/ or final/)")
+        elif is_hub_id(spec):
+            targets.append(Target(spec, spec.replace("/", "--"), None, Path(root) / "eval"))
+        else:
+            raise StepwiseError(f"{spec}: no such checkpoint or run folder")
+    seen, unique = set(), []
+    for t in targets:
+        key = str(Path(t.path).resolve()) if Path(t.path).exists() else t.path
+        if key not in seen:
+            seen.add(key)
+            unique.append(t)
+    return unique
+
+
+# --- the result cache ----------------------------------------------------------------------------
+
+def weights_identity(path: str) -> dict:
+    """Path, size and mtime of the weights file: a rewritten checkpoint (final/ gets a new best) is new."""
+    p = Path(path)
+    weights = next((p / w for w in WEIGHT_FILES if (p / w).is_file()), None)
+    if weights is None:
+        return {"model": path}
+    stat = weights.stat()
+    return {"weights": str(weights.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(target: Target, prompts_sha: str, limit: int | None, settings: GenerationSettings, device: str) -> str:
+    """What decides the answers. Not the batch size: batched answers equal one-at-a-time ones."""
+    spec = {"version": CACHE_VERSION, "model": weights_identity(target.path), "prompts": prompts_sha,
+            "limit": limit, "settings": dataclasses.asdict(settings), "device": device.split(":")[0]}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --- contamination -------------------------------------------------------------------------------
+
+def run_contamination(run_dir: Path, prompts: list, prompts_sha: str, console) -> dict | None:
+    """Held-out prompts found in the run's own training split (re-created from config.yaml); cached
+    under <run>/eval since re-creating a dataset takes a while. None when it cannot be re-created."""
+    from trainer.config import load_saved
+    from trainer.contamination import check_prompts_against_records
+    from trainer.data import load_train_val
+
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        return None
+    key = hashlib.sha256(config_file.read_bytes() + prompts_sha.encode() + str(len(prompts)).encode()).hexdigest()[:12]
+    cached = run_dir / "eval" / f"contamination-{key}.json"
+    if cached.is_file():
+        return read_json(cached)
+    try:
+        cfg = load_saved(config_file)
+        d = cfg.data
+        local = d.dataset == "demo" or Path(d.dataset).exists()
+        if not local:  # a hub dataset: not fetched again just for this check
+            console.print(f"[dim]contamination check skipped for {run_dir.name}: {d.dataset} is not a local file[/]")
+            return None
+        with console.status(f"checking the held-out prompts against {run_dir.name}'s training data"):
+            train, _, _ = load_train_val(d.dataset, d.val_dataset, d.val_fraction, cfg.optim.seed, d.strict,
+                                         d.demo_records)
+            found = check_prompts_against_records([p.prompt for p in prompts], train, keys=[p.key for p in prompts])
+    except StepwiseError as err:
+        console.print(f"[dim]contamination check skipped for {run_dir.name}: {err}[/]")
+        return None
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cached, found)
+    return found
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def results_table(entries: list[dict], title: str):
+    from rich.table import Table
+
+    table = Table(title=title, caption="IF metrics, rougeL and EOS (answers that ended) in percent")
+    for name, justify in [("run", "left"), ("checkpoint", "left"), ("step", "right"), ("val loss", "right"),
+                          ("prompt strict", "right"), ("prompt loose", "right"), ("inst strict", "right"),
+                          ("inst loose", "right"), ("rougeL", "right"), ("mean len", "right"), ("EOS", "right"),
+                          ("from", "left")]:
+        table.add_column(name, justify=justify, overflow="fold")
+    for e in entries:
+        s = e["summary"]
+        table.add_row(e["run"] or "-", e["checkpoint"], "-" if e["step"] is None else str(e["step"]),
+                      "-" if e["val_loss"] is None else f"{e['val_loss']:.4f}",
+                      *[_pct(s.get(m)) for m in IF_METRICS], _pct(s.get("rougeL")),
+                      "-" if s.get("mean_length") is None else f"{s['mean_length']:.1f}", _pct(s.get("eos_rate")),
+                      "cached" if e["cached"] else "new")
+    return table
+
+
+def plot_run(run_dir: Path, entries: list[dict], prompts_name: str) -> Path | None:
+    """<run>/eval/metrics.png: each metric against step for the run's evaluated step checkpoints."""
+    points = sorted((e for e in entries if e["step"] is not None and e["checkpoint"] != "final"),
+                    key=lambda e: e["step"])
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    steps = [e["step"] for e in points]
+    panels = [
+        ("instruction following (%)", [(m, 100) for m in IF_METRICS]),
+        ("ROUGE-L, finished, distinct-2 (%)", [("rougeL", 100), ("eos_rate", 100), ("distinct_2", 100)]),
+        ("mean length (words)", [("mean_length", 1)]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
+    losses = [e.get("val_loss") for e in points]
+    if any(v is not None for v in losses):  # the loss the run steered by, beside what it generates
+        twin = axes[-1].twinx()
+        twin.plot(steps, losses, marker="s", linestyle="--", color="grey", label="val_loss")
+        twin.set_ylabel("val loss")
+        twin.legend(fontsize=8, loc="lower right")
+    for ax, (title, metrics) in zip(axes, panels):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for metric, scale in metrics:
+            values = [e["summary"].get(metric) for e in points]
+            if any(v is not None for v in values):
+                ax.plot(steps, [None if v is None else v * scale for v in values], marker="o", label=metric)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{run_dir.name} on {prompts_name}")
+    fig.tight_layout()
+    out = run_dir / "eval" / "metrics.png"
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    defaults = GenerationSettings()
+    parser = argparse.ArgumentParser(prog="python -m trainer eval", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="*", metavar="CKPT",
+                        help="step folder, final/, run folder or Hugging Face folder (default: the newest run)")
+    parser.add_argument("--prompts", default=DEFAULT_PROMPTS, help=f"held-out prompt file (default {DEFAULT_PROMPTS})")
+    parser.add_argument("--root", default="checkpoints", help="where runs live (default checkpoints)")
+    parser.add_argument("--limit", type=int, help="only the first N prompts")
+    parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts generated together")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 is greedy")
+    parser.add_argument("--top_p", type=float, default=defaults.top_p)
+    parser.add_argument("--top_k", type=int, default=defaults.top_k)
+    parser.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--no_cache", action="store_true", help="generate again even when a result file exists")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from trainer.contamination import warn
+    from trainer.prompts import load_prompts
+
+    args = parse_args(argv)
+    # Everything a user can get wrong is checked here, before a model loads or a file is written.
+    if args.limit is not None and args.limit <= 0:
+        raise StepwiseError(f"--limit must be positive, got {args.limit}")
+    if args.batch_size <= 0:
+        raise StepwiseError(f"--batch_size must be positive, got {args.batch_size}")
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    prompts_path = Path(args.prompts)
+    prompts = load_prompts(prompts_path)[: args.limit]
+    prompts_sha = file_sha256(prompts_path)
+    targets = expand(args.checkpoints, args.root)
+    device = args.device or default_device()
+
+    # Piped output (tests, logs, `| tee`) gets a table wide enough for its twelve columns.
+    out = Console() if sys.stdout.isatty() else Console(width=150)
+    err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=150)
+    for run_dir in dict.fromkeys(t.run_dir for t in targets if t.run_dir is not None):
+        found = run_contamination(run_dir, prompts, prompts_sha, err)
+        if found is not None:
+            warn(found, err, f"{run_dir.name}'s training data")
+
+    entries = []
+    todo = []
+    for t in targets:
+        key = cache_key(t, prompts_sha, args.limit, settings, device)
+        result_file = t.out_dir / f"{t.name}-{key}.json"
+        if result_file.is_file() and not args.no_cache:
+            entry = read_json(result_file)
+            entry["cached"] = True
+            out.print(f"cached: {t.name} ({result_file})")
+        else:
+            entry = None
+            todo.append(len(entries))
+        entries.append({"target": t, "file": result_file, "entry": entry})
+
+    if todo:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn()]
+        with Progress(*columns, console=err) as progress:
+            task = progress.add_task("generating", total=len(todo) * len(prompts))
+            for n, i in enumerate(todo):
+                t = entries[i]["target"]
+                progress.update(task, description=f"{t.name} ({n + 1}/{len(todo)})")
+                entries[i]["entry"] = evaluate_one(t, prompts, settings, args, device, prompts_sha,
+                                                   lambda done, base=n * len(prompts): progress.update(
+                                                       task, completed=base + done))
+                entries[i]["file"].parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(entries[i]["file"], {k: v for k, v in entries[i]["entry"].items() if k != "cached"})
+
+    rows = [e["entry"] for e in entries]
+    out.print(results_table(rows, f"{prompts_path.name}: {len(prompts)} prompts, {_describe(settings)}"))
+    by_run: dict[Path, list[dict]] = {}
+    for e in entries:
+        if e["target"].run_dir is not None:
+            by_run.setdefault(e["target"].run_dir, []).append(e["entry"])
+    for run_dir, run_rows in by_run.items():
+        png = plot_run(run_dir, run_rows, prompts_path.name)
+        if png is not None:
+            out.print(f"plot: {png}")
+    for e in entries:
+        if not e["entry"]["cached"]:
+            out.print(f"wrote {e['file']}")
+    return 0
+
+
+def _describe(settings: GenerationSettings) -> str:
+    mode = "greedy" if settings.greedy else f"T={settings.temperature} top_p={settings.top_p} seed={settings.seed}"
+    return f"{mode}, max {settings.max_new_tokens} new tokens"
+
+
+def evaluate_one(t: Target, prompts: list, settings: GenerationSettings, args, device: str, prompts_sha: str,
+                 on_batch) -> dict:
+    loaded = load_model(t.path, device)
+    t0 = time.perf_counter()
+    rows, summary = heldout_samples(loaded.model, loaded.tokenizer, prompts, settings, args.batch_size, on_batch)
+    seconds = time.perf_counter() - t0
+    info = t.info
+    return {
+        "checkpoint": t.name,
+        "path": t.path,
+        "run": info.run if info else None,
+        "step": info.step if info else None,
+        "val_loss": info.val_loss if info else None,
+        "prompts": str(args.prompts),
+        "prompts_sha256": prompts_sha,
+        "limit": args.limit,
+        "settings": dataclasses.asdict(settings),
+        "device": device,
+        "model": weights_identity(t.path),
+        "seconds": round(seconds, 3),
+        "new_tokens": sum(r["new_tokens"] for r in rows),
+        "summary": summary,
+        "results": rows,
+        "cached": False,
+    }

@@ -18,31 +18,49 @@ IF_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_
 CHECKPOINT_HEADERS = ["checkpoint", "step", "epoch", "val_loss", *IF_METRICS]
 
 
-def loss_figure(history: list[dict], checkpoint_steps: list[int], best_step: int | None):
-    """Train and val loss against step; dotted lines at checkpoints, a star on the best."""
+PLOTTED = ("if_prompt_strict", "if_inst_strict", "if_prompt_loose", "rougeL")
+
+
+def loss_figure(history: list[dict], checkpoint_steps: list[int], best_step: int | None,
+                checkpoint_metrics: dict[int, dict] | None = None):
+    """Train and val loss against step, dotted lines at checkpoints and a star on the best; below it,
+    the held-out metrics of each checkpoint when the run scored any."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state in a server
 
-    fig = Figure(figsize=(9, 4.2), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
+    metrics = {s: m for s, m in sorted((checkpoint_metrics or {}).items()) if any(m.get(k) is not None for k in PLOTTED)}
+    fig = Figure(figsize=(9, 6.4 if metrics else 4.2), dpi=100, layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1]) if metrics else [fig.add_subplot()]
+    ax = axes[0]
     train = [(h["step"], h["train_loss"]) for h in history if h.get("train_loss") is not None]
     val = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
     if train:
         ax.plot(*zip(*train), label="train loss", color="#2563eb", linewidth=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="val loss", color="#ea580c", linewidth=1.5, markersize=4)
-    for i, step in enumerate(checkpoint_steps):
-        ax.axvline(step, color="#6b7280", linestyle=":", linewidth=1, label="checkpoint" if i == 0 else None)
+    for a in axes:
+        for i, step in enumerate(checkpoint_steps):
+            a.axvline(step, color="#6b7280", linestyle=":", linewidth=1, label="checkpoint" if i == 0 else None)
     best_val = dict(val).get(best_step) if best_step is not None else None
     if best_val is not None:
         ax.plot([best_step], [best_val], "*", color="#16a34a", markersize=16, label=f"best (step {best_step})",
                 zorder=5)
-    ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     if train or val:
         ax.legend(loc="upper right")
     else:
         ax.text(0.5, 0.5, "no losses logged yet", ha="center", va="center", transform=ax.transAxes)
+    if metrics:
+        low = axes[1]
+        for key in PLOTTED:
+            points = [(s, m[key]) for s, m in metrics.items() if m.get(key) is not None]
+            if points:
+                low.plot(*zip(*points), "s-", label=key, markersize=4, linewidth=1.2)
+        low.set_ylim(-0.02, 1.02)
+        low.set_ylabel("held-out")
+        low.grid(alpha=0.3)
+        low.legend(loc="upper left", fontsize="small", ncols=2)
+    axes[-1].set_xlabel("step")
     return fig
 
 
@@ -87,28 +105,51 @@ def status_markdown(metrics: dict) -> str:
 
 
 def plan_text(run_dir: Path, metrics: dict) -> str:
-    """The planner's table for the run's saved config; without a planner, the config and counts."""
+    """The planner's table for the run's saved config. trainer.plan has no one-call table for a
+    config, so this feeds its `count` + `render` the example counts and step time the run recorded
+    (no data loading or timing in a web request); without those, the config and counts as they are."""
     config_path = run_dir / "config.yaml"
+    data = metrics.get("data") or {}
     try:
+        from trainer import plan as planner
         from trainer.config import load_saved
-        from trainer.plan import plan_table
 
-        table = plan_table(load_saved(config_path))
-        if isinstance(table, str):
-            return table
-        from rich.console import Console
-
-        console = Console(file=io.StringIO(), width=110, record=True, color_system=None)
-        console.print(table)
-        return console.export_text()
+        cfg = load_saved(config_path)
+        if hasattr(planner, "plan_table"):
+            return _as_text(planner.plan_table(cfg))
+        if data.get("train_examples") is not None and hasattr(planner, "count") and hasattr(planner, "render"):
+            plan = planner.count(cfg, int(data["train_examples"]), int(data.get("val_examples") or 0))
+            plan.tokens_per_epoch = data.get("train_tokens")
+            if plan.tokens_per_epoch is not None:
+                plan.truncated_share = (data.get("truncated") or 0) / max(int(data["train_examples"]), 1)
+            if data.get("seconds_per_step"):
+                plan.seconds_per_step, plan.timing_source = float(data["seconds_per_step"]), "recorded by this run"
+            else:
+                plan.timing_source = "no step time recorded"
+            console = _console()
+            planner.render(plan, console)
+            return console.export_text()
     except ImportError:
         pass
-    except Exception as err:  # a planner failure must not take the tab down
-        return f"planner failed: {err}"
-    data = metrics.get("data") or {}
+    except Exception as err:  # a planner failure must not take the tab down; fall through to the raw facts
+        data = {**data, "planner_error": str(err)}
     counts = "\n".join(f"{k}: {v}" for k, v in data.items())
     config = config_path.read_text() if config_path.is_file() else "(no config.yaml)"
-    return f"# counts from training_metrics.json (planner not available)\n{counts}\n\n# config.yaml\n{config}"
+    return f"# counts from training_metrics.json (planner table not available)\n{counts}\n\n# config.yaml\n{config}"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=100, record=True, color_system=None, highlight=False)
+
+
+def _as_text(table) -> str:
+    if isinstance(table, str):
+        return table
+    console = _console()
+    console.print(table)
+    return console.export_text()
 
 
 @dataclass
@@ -135,7 +176,10 @@ def build_training_tab(cfg: WebConfig) -> TrainingTab:
         info = read_run(run_dir)
         steps = [c.step for c in info.checkpoints if not c.is_final and c.step is not None]
         best = (info.metrics.get("best") or {}).get("step")
-        fig = loss_figure(info.metrics.get("history", []), steps, best)
+        by_step = {h["step"]: h for h in info.metrics.get("history", [])}
+        scored = {c.step: {**by_step.get(c.step, {}), **(c.metrics or {})} for c in info.checkpoints
+                  if not c.is_final and c.step is not None}
+        fig = loss_figure(info.metrics.get("history", []), steps, best, scored)
         return fig, status_markdown(info.metrics), checkpoint_rows(info), plan_text(run_dir, info.metrics)
 
     def refresh_runs(current):

@@ -198,9 +198,10 @@ def test_timeline_training_and_scores_render(demo_root):
     rows = checkpoint_rows(info)
     assert [r[0] for r in rows] == ["step 10", "step 20 (best)", "step 30", "final"]
     assert "overfitting" in status_markdown(info.metrics) and "patience 3" in status_markdown(info.metrics)
-    fig = loss_figure(info.metrics["history"], [10, 20, 30], 20)
-    assert len(fig.axes[0].lines) >= 5  # train, val, 3 checkpoint lines, best star
-    assert "steps_per_epoch" in plan_text(run_dir, info.metrics) or "Plan" in plan_text(run_dir, info.metrics)
+    fig = loss_figure(info.metrics["history"], [10, 20, 30], 20, {10: {"if_prompt_strict": 0.5}})
+    assert len(fig.axes[0].lines) >= 6 and len(fig.axes) == 2  # train, val, 3 checkpoints, best star; IF panel
+    assert len(loss_figure([], [], None).axes) == 1
+    assert "steps per epoch" in plan_text(run_dir, info.metrics)
     html = scores_html({"instruction_id_list": ["a", "b"], "strict": [True, False], "loose": [True, True],
                         "rougeL": 0.25, "length": 4})
     assert "a</code>: pass" in html and "b</code>: loose pass" in html and "rougeL 0.250" in html
@@ -281,3 +282,67 @@ def test_eval_endpoint_scores_checkpoints(client):
                                       api_name="/eval")
     assert [r[0] for r in summary["data"]] == ["demo/step-000010", "demo/step-000030"]
     assert answers["headers"][:2] == ["key", "prompt"] and len(answers["data"]) == 2
+
+
+# --- the Compare tab's handlers, in process ------------------------------------------------------------
+
+def test_compare_handlers_turns_regenerate_stop_votes_clear(demo_root, tmp_path):
+    import threading
+
+    import gradio as gr
+
+    from app.session import ModelCache
+    from app.votes import VoteStore
+    from app.web_compare import CompareTab
+
+    cfg = WebConfig(root=demo_root, prompt_files=[demo_root / "prompts.jsonl"], max_new_tokens=300)
+    with gr.Blocks():
+        tab = CompareTab(cfg, ModelCache(1 << 30), VoteStore(tmp_path))
+    data = {tab.state: None, tab.prompt: "hello", tab.n_sides: 2, tab.pickers[0]: "demo/step-000010",
+            tab.pickers[1]: "demo/step-000030", tab.pickers[2]: None, tab.pickers[3]: None, tab.temperature: 0.0,
+            tab.top_p: 1.0, tab.max_new: 4, tab.seed: 0}
+
+    def send(changes=None):
+        updates = list(tab.on_send({**data, **(changes or {})}))
+        assert len(updates) >= 2 and updates[-1][tab.prompt] == ""
+        data[tab.state] = updates[-1][tab.state]
+        return updates[-1]
+
+    last = send()
+    browser = data[tab.state]
+    assert [len(s.history) for s in browser.session.sides] == [2, 2]
+    assert "tokens/s" in last[tab.stats[0]] and "tokens/s" in last[tab.stats[1]]
+    send({tab.prompt: "and again"})  # multi-turn: each column keeps its own history
+    assert [len(s.history) for s in browser.session.sides] == [4, 4]
+    before = [s.history[-1]["content"] for s in browser.session.sides]
+    list(tab.on_regenerate(data))
+    assert [s.history[-1]["content"] for s in browser.session.sides] == before  # greedy: the same answers
+
+    tab.on_vote("b", browser, "A", "B")
+    with pytest.raises(gr.Error, match="Already voted"):
+        tab.on_vote("a", browser, "B", "A")
+    assert [v.outcome for v in VoteStore(tmp_path).read()] == ["b"]
+
+    # Stop ends both columns' answers early; the partial answers stay in the history.
+    updates = tab.on_send({**data, tab.prompt: "a long one", tab.max_new: 300})
+    next(updates)
+    threading.Timer(0.05, tab.on_stop, args=(browser,)).start()
+    list(updates)
+    assert all(s.last.new_tokens < 300 for s in browser.session.sides)
+    assert [len(s.history) for s in browser.session.sides] == [6, 6]
+
+    # A held-out prompt is scored under each answer.
+    drawn = tab.on_draw(browser, "prompts.jsonl")
+    last = send({tab.prompt: drawn[tab.prompt]})
+    assert all(sc is not None for sc in browser.scores) and "rougeL" in last[tab.scores[0]]
+
+    # Switching a column's checkpoint restarts that column only; the same checkpoint twice cannot be voted on.
+    tab.on_pick(1, browser, "demo/step-000010")
+    assert browser.session.sides[1].history == [] and len(browser.session.sides[0].history) == 8
+    send({tab.pickers[1]: "demo/step-000010"})
+    with pytest.raises(gr.Error, match="same checkpoint"):
+        tab.on_vote("tie", browser, "A", "B")
+    cleared = tab.on_clear(browser)
+    assert all(s.history == [] for s in browser.session.sides) and cleared[tab.chats[0]] == []
+    with pytest.raises(gr.Error, match="prompt"):
+        list(tab.on_send({**data, tab.prompt: "   "}))

@@ -1,0 +1,89 @@
+"""trainer.demo_data: deterministic, every response passes its constraints, held-out rows stay held out."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from trainer import demo_data, scoring
+from trainer.prompts import load_prompts
+
+
+def norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+@pytest.fixture(scope="module")
+def default_records() -> list[dict[str, str]]:
+    """build_records() as the default job calls it (the slowest thing here: langdetect in the checks)."""
+    return demo_data.build_records()
+
+
+def test_prompt_text_joins_instruction_and_input():
+    assert demo_data.prompt_text({"instruction": "Sort.", "input": "b, a"}) == "Sort.\n\nb, a"
+    assert demo_data.prompt_text({"instruction": "Count.", "input": ""}) == "Count."
+
+
+def test_deterministic_for_a_seed():
+    a = demo_data.build_records(400, seed=3)
+    assert a == demo_data.build_records(400, seed=3)
+    assert a != demo_data.build_records(400, seed=4)
+    assert all(set(r) == {"instruction", "input", "output"} and all(isinstance(v, str) for v in r.values())
+               for r in a)
+
+
+def test_every_response_passes_its_constraints_checked_again():
+    examples = demo_data.build_examples(1200, seed=5)
+    constrained = [e for e in examples if e["instruction_id_list"]]
+    assert 0.6 < len(constrained) / len(examples) < 0.8
+    for e in constrained:
+        assert scoring.check_constraints(e["instruction_id_list"], e["kwargs"], e["output"],
+                                         demo_data.prompt_text(e)) == [True] * len(e["instruction_id_list"]), e
+    used = Counter(i for e in constrained for i in e["instruction_id_list"])
+    assert set(used) == set(demo_data.CONSTRAINT_IDS)
+    assert {e["task"] for e in examples} == set(demo_data.TASKS)
+
+
+def test_records_are_short(default_records):
+    words = [len(scoring.words(demo_data.prompt_text(r) + " " + r["output"])) for r in default_records]
+    assert len(default_records) == demo_data.DEFAULT_RECORDS
+    assert sum(words) / len(words) < 40
+    assert sum(w > 60 for w in words) / len(words) < 0.01
+
+
+def test_heldout_prompts_never_in_training(default_records):
+    training = {norm(demo_data.prompt_text(r)) for r in default_records}
+    for name in (demo_data.IFEVAL_FILE, demo_data.GENERAL_FILE):
+        for p in load_prompts(demo_data.HELDOUT_DIR / name):
+            assert norm(p.prompt) not in training, (name, p.key)
+
+
+def test_reserved_items_never_in_training(default_records):
+    for r in default_records:
+        text = demo_data.prompt_text(r) + " " + r["output"]
+        assert not set(re.findall(r"[a-z]+", text.lower())) & demo_data.RESERVED_WORDS, r
+        assert not set(re.findall(r"[A-Z][a-z]+", text)) & demo_data.RESERVED_COUNTRIES, r
+
+
+def test_committed_files_equal_regeneration(tmp_path):
+    demo_data.main([str(tmp_path)])
+    for name in (demo_data.IFEVAL_FILE, demo_data.GENERAL_FILE):
+        committed = (demo_data.HELDOUT_DIR / name).read_text(encoding="utf-8")
+        assert (tmp_path / name).read_text(encoding="utf-8") == committed, f"regenerate {name}"
+
+
+def test_heldout_files_load_and_their_references_pass():
+    ifeval = load_prompts(demo_data.HELDOUT_DIR / demo_data.IFEVAL_FILE)
+    general = load_prompts(demo_data.HELDOUT_DIR / demo_data.GENERAL_FILE)
+    assert len(ifeval) == 150 and len(general) == 50
+    assert all(p.instruction_id_list and p.category in demo_data.TASKS for p in ifeval)
+    assert all(not p.instruction_id_list and p.reference and p.category for p in general)
+    for p in ifeval:
+        if p.reference is not None:
+            result = scoring.score_response(p, p.reference)
+            assert result["prompt_strict"] and result["rougeL"] == pytest.approx(1.0), p.key
+    rows = [json.loads(line) for line in (demo_data.HELDOUT_DIR / demo_data.IFEVAL_FILE).read_text().splitlines()]
+    assert {r["category"] for r in rows} == set(demo_data.TASKS)

@@ -13,6 +13,7 @@ import re
 from collections import Counter
 
 _WORD = re.compile(r"\w+")
+POSTINGS = 32
 
 
 def normalise(text: str) -> str:
@@ -30,25 +31,31 @@ def find_contamination(heldout_prompts: list[str], train_prompts: list[str], n: 
     "n", "threshold", "train_prompts"}: indices into heldout_prompts, keys from `keys` (default the
     indices as strings); a near entry names the training prompt sharing the most n-grams with it."""
     keys = [str(k) for k in keys] if keys is not None else [str(i) for i in range(len(heldout_prompts))]
-    exact_index = {}
-    gram_index: dict[int, int] = {}
+    exact_index: dict[str, int] = {}
+    # n-gram -> the first POSTINGS training prompts holding it. Capped: a boilerplate phrase shared by
+    # thousands of templated prompts adds nothing to finding the one a held-out prompt was copied from.
+    postings: dict[int, list[int]] = {}
     for j, text in enumerate(train_prompts):
         exact_index.setdefault(normalise(text), j)
-        for g in _grams(text, n):
-            gram_index.setdefault(g, j)
+        for g in set(_grams(text, n)):
+            holders = postings.setdefault(g, [])
+            if len(holders) < POSTINGS:
+                holders.append(j)
     exact, near = [], []
     for i, text in enumerate(heldout_prompts):
         if normalise(text) in exact_index:
             exact.append(i)
             continue
         grams = _grams(text, n)
-        if not grams:
-            continue
-        hits = [gram_index[g] for g in grams if g in gram_index]
-        overlap = len(hits) / len(grams)
-        if hits and overlap >= threshold:
-            near.append({"index": i, "key": keys[i], "overlap": round(overlap, 4),
-                         "train_index": Counter(hits).most_common(1)[0][0]})
+        shared = [postings[g] for g in grams if g in postings]
+        overlap = len(shared) / len(grams) if grams else 0.0
+        if shared and overlap >= threshold:
+            votes: Counter = Counter()
+            for holders in shared:  # a rare n-gram says more about the source than a common one
+                for j in holders:
+                    votes[j] += 1.0 / len(holders)
+            source = votes.most_common(1)[0][0]
+            near.append({"index": i, "key": keys[i], "overlap": round(overlap, 4), "train_index": source})
     indices = sorted(exact + [x["index"] for x in near])
     return {"count": len(indices), "indices": indices, "keys": [keys[i] for i in indices], "exact": exact,
             "near": near, "n": n, "threshold": threshold, "heldout_prompts": len(heldout_prompts),

@@ -136,10 +136,8 @@ def loose_variants(response: str) -> list[str]:
     remove_first = "\n".join(lines[1:]).strip()
     remove_last = "\n".join(lines[:-1]).strip()
     remove_both = "\n".join(lines[1:-1]).strip()
-    plain = [response, remove_first, remove_last, remove_both]
-    return [response, response.replace("*", ""), remove_first, remove_last, remove_both] + [
-        v.replace("*", "") for v in plain[1:]
-    ]
+    return [response, response.replace("*", ""), remove_first, remove_last, remove_both,
+            remove_first.replace("*", ""), remove_last.replace("*", ""), remove_both.replace("*", "")]
 
 
 def _follows(checker: Any, text: str) -> bool:
@@ -147,21 +145,22 @@ def _follows(checker: Any, text: str) -> bool:
 
 
 def _check(instruction_id_list: Sequence[str], kwargs: Sequence[Mapping[str, Any]] | None, response: str,
-           prompt: str) -> tuple[list[bool], list[bool]]:
+           prompt: str, loose: bool = True) -> tuple[list[bool], list[bool]]:
     kwargs = list(kwargs) if kwargs else [{}] * len(instruction_id_list)
-    variants = loose_variants(response)
-    strict, loose = [], []
+    variants = loose_variants(response) if loose else []
+    strict_verdicts, loose_verdicts = [], []
     for instruction_id, kw in zip(instruction_id_list, kwargs, strict=True):
         checker = build_checker(instruction_id, kw, prompt)
-        strict.append(_follows(checker, response))
-        loose.append(any(_follows(checker, v) for v in variants))
-    return strict, loose
+        strict_verdicts.append(_follows(checker, response))
+        if loose:
+            loose_verdicts.append(any(_follows(checker, v) for v in variants))
+    return strict_verdicts, loose_verdicts
 
 
 def check_constraints(instruction_id_list: Sequence[str], kwargs: Sequence[Mapping[str, Any]] | None,
                       response: str, prompt: str = "") -> list[bool]:
     """Strict IFEval verdict per instruction."""
-    return _check(instruction_id_list, kwargs, response, prompt)[0]
+    return _check(instruction_id_list, kwargs, response, prompt, loose=False)[0]
 
 
 @functools.cache

@@ -11,8 +11,8 @@ that name one), every fifth country, some arithmetic operand pairs, and a few (t
 combination) pairs. `build_heldout` draws the eval_prompts files from exactly those, so no held-out
 prompt can equal a training prompt.
 
-Cost: 30,000 records take ~5-12 s on two busy cores, nearly all of it langdetect inside the asserted
-case checks (see CONSTRAINT_WEIGHTS).
+Cost: 30,000 records take ~12 s on this project's two shared cores (fewer when they are idle), nearly
+all of it langdetect inside the asserted case checks (see CONSTRAINT_WEIGHTS).
 
 `python -m trainer.demo_data` rewrites eval_prompts/demo_ifeval.jsonl and demo_general.jsonl.
 """

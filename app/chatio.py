@@ -8,6 +8,8 @@ serve/cli.py). Panels arrive as PanelView lists so this module knows nothing of 
 from __future__ import annotations
 
 import abc
+import contextlib
+import io
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -161,10 +163,31 @@ def panels_renderable(views: Sequence[PanelView], width: int):
     if len(panels) > 1 and width >= MIN_PANEL_WIDTH * len(panels):
         grid = Table.grid(expand=True, padding=(0, 1))
         for _ in panels:
-            grid.add_column(ratio=1)
+            grid.add_column(ratio=1, overflow="fold")  # long unbroken answers wrap, as when stacked
         grid.add_row(*panels)
         return grid
     return Group(*panels)
+
+
+@contextlib.contextmanager
+def _no_echo():
+    """Keys typed (or ^C) while panels stream would be echoed into the live display and shift it by a
+    line; with echo off they are not shown, and typed text still waits for the next prompt."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, io.UnsupportedOperation):  # not a terminal, or no termios
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 class RichChatIO(ChatIO):
@@ -192,7 +215,7 @@ class RichChatIO(ChatIO):
 
         views: list[PanelView] = []
         # The renderable is rebuilt per update (not per refresh) so the width is read as it is now.
-        with Live(console=self.console, refresh_per_second=10, transient=False) as live:
+        with _no_echo(), Live(console=self.console, refresh_per_second=10, transient=False) as live:
             for views in updates:
                 live.update(panels_renderable(views, self.console.width))
         if not self.console.is_terminal:  # Live ends its last frame with a newline only on a terminal

@@ -38,6 +38,7 @@ import dataclasses
 import json
 import random
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -149,6 +150,8 @@ class Repl:
         self.session, self.io, self.root, self.prompts_path = session, io, root, prompts_path
         self._prompts: list[HeldoutPrompt] | None = None
         self._titles: dict[str, str] = {}
+        self._sizes: dict[str, int] = {}  # parameter bytes of each model loaded, by path
+        self._stop = threading.Event()  # the current answer's; set by Ctrl-C
         self.rng = random.Random(seed)
         self.last_prompt: str | None = None
         self.commands = {
@@ -158,8 +161,7 @@ class Repl:
             "/params": (self.cmd_params, "[key=value ...]", "show or set generation settings"),
             "/heldout": (self.cmd_heldout, "[N]", "N random held-out prompts (default 3), checked and scored"),
             "/score": (self.cmd_score, "[KEY | ID [k=v ...]]",
-                       "check the last answers against a held-out prompt's constraints (default: the one "
-                       "typed last) or against an IFEval instruction id"),
+                       "check the last answers (default: against the held-out prompt just typed)"),
             "/reset": (self.cmd_reset, "", "clear every panel's history"),
             "/save": (self.cmd_save, "FILE", "write the transcript (.json as JSON, anything else Markdown)"),
             "/help": (self.cmd_help, "", "this list"),
@@ -199,6 +201,16 @@ class Repl:
             first = (str(err).strip().splitlines() or [""])[0]
             self.io.error(f"{type(err).__name__}: {first}")
 
+    def load(self, path: str) -> None:
+        """Load a panel's model, first making room in the cache for it and every other panel: each turn
+        uses all of them, and a budget below their sum would evict and reload models on every prompt.
+        Its weight files, doubled (bf16 weights load as fp32 on a CPU), bound its size before it loads."""
+        cache = self.session.cache
+        others = sum(self._sizes.get(s.path, 0) for s in self.session.sides if s.path != path)
+        files = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if Path(path).is_dir() else 0
+        cache.budget_bytes = max(cache.budget_bytes, others + 2 * files)
+        self._sizes[path] = cache.get(path).nbytes
+
     # answering
 
     def title(self, side) -> str:
@@ -217,7 +229,7 @@ class Repl:
             return PanelView(title, "")
         if not gen.done:
             return PanelView(title, gen.text, f"{gen.new_tokens} tok…")
-        stop = "" if gen.finished else " · hit max_new_tokens"
+        stop = "" if gen.finished else " · stopped" if self._stop.is_set() else " · hit max_new_tokens"
         return PanelView(title, gen.text, f"turn {turn} · {gen.new_tokens} tok · {gen.tokens_per_s:.0f} tok/s{stop}")
 
     def views(self, session, prompt: str, stop: threading.Event, extra=None):
@@ -236,17 +248,28 @@ class Repl:
     def turns(side) -> int:
         return sum(1 for m in side.history if m.get("role") == "user")
 
-    def stream(self, session, prompt: str, extra=None) -> list:
-        """Stream into the panels; Ctrl-C stops every side after its current token."""
+    def stream(self, session, prompt: str, extra=None) -> None:
+        """Stream into the panels. Ctrl-C sets the stop event instead of raising: every side ends after
+        its current token and keeps what it said (a KeyboardInterrupt inside the session's generator
+        would drop the whole turn). A second Ctrl-C raises as usual."""
         if not session.sides:
             raise StepwiseError("no panels: /load a checkpoint first (/models lists them)")
         stop = threading.Event()
+        self._stop = stop
+        restore = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum, frame):
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                stop.set()
+            restore = signal.signal(signal.SIGINT, on_sigint)
         try:
             self.io.stream_output(self.views(session, prompt, stop, extra))
         except KeyboardInterrupt:
-            stop.set()
-            self.io.error("stopped")
-        return [s.last for s in session.sides]
+            self.io.error("interrupted; this turn is not kept")
+        finally:
+            if restore is not None:
+                signal.signal(signal.SIGINT, restore)
 
     def ask(self, text: str) -> None:
         self.last_prompt = text
@@ -280,7 +303,7 @@ class Repl:
         else:
             paths = resolve(arg, self.root)
         for path in paths:
-            self.session.cache.get(path)  # load now: a broken folder fails here, with its name
+            self.load(str(path))  # now: a broken folder fails here, with its name
             i = self.session.add(str(path))
             self.io.message(f"panel {i + 1}: {self.title(self.session.sides[i])}")
 
@@ -503,16 +526,16 @@ def _main(args) -> int:
         return spot_check(paths, ModelCache(), settings, args.prompts, args.spot_check, io)
     # No root for the session: its confinement is for the web app; here any folder may be compared.
     session = CompareSession([str(p) for p in paths], settings=settings)
-    for side in session.sides:
-        session.cache.get(side.path)  # every model loads up front: a broken folder is an exit-2 line now
-    if args.prompt is not None:
-        repl = Repl(session, PlainChatIO() if plain else RichChatIO(), root, args.prompts)
-        repl.ask(args.prompt)
-        return 1 if any(s.error for s in session.sides) else 0
-    interactive = not plain and sys.stdin.isatty()
-    repl = Repl(session, PlainChatIO(), root, args.prompts)
+    interactive = args.prompt is None and not plain and sys.stdin.isatty()
+    repl = Repl(session, PlainChatIO() if plain else RichChatIO(), root, args.prompts)
     if interactive:
         repl.io = RichChatIO(completer=CommandCompleter(repl))
+        print(f"loading {len(paths)} checkpoint(s)…", file=sys.stderr, flush=True)
+    for side in session.sides:
+        repl.load(side.path)  # every model up front: a broken folder is an exit-2 line now, not a red panel
+    if args.prompt is not None:
+        repl.ask(args.prompt)
+        return 1 if any(s.error for s in session.sides) else 0
     return repl.run()
 
 

@@ -20,7 +20,7 @@ import torch
 
 from app import repl
 from app.chatio import ScriptedChatIO
-from app.session import CompareSession
+from app.session import CompareSession, ModelCache
 from trainer.batching import collate, tokenize
 from trainer.checkpoint import CheckpointInfo, RunInfo, save_hf
 from trainer.generate import GenerationSettings
@@ -193,6 +193,15 @@ def test_mistakes_are_one_line_and_the_loop_goes_on(session, ckpts):
     assert len(session.sides) == 2  # /load 1 added step 10 as panel 3, /drop 3 took it away
     assert session.settings.temperature == 0.5 and session.settings.seed is None
     session.settings = GenerationSettings(max_new_tokens=16)
+
+
+def test_load_keeps_every_panel_in_the_cache(ckpts):
+    """Every turn uses every panel: a cache budget below their sum would reload models each prompt."""
+    session = CompareSession(cache=ModelCache(budget_bytes=1))
+    io = ScriptedChatIO([f"/load {p}" for p in [*_paths(ckpts), ckpts / "tiny" / "final"]])
+    repl.Repl(session, io, ckpts, str(ckpts / "heldout.jsonl")).run()
+    assert io.errors == [] and len(session.sides) == 3
+    assert all(s.path in session.cache for s in session.sides)
 
 
 def test_cli_mistakes_exit_2_with_one_line(ckpts, tmp_path, capsys):

@@ -78,12 +78,17 @@ class PlainChatIO(ChatIO):
         self.err = err or sys.stderr
 
     def prompt_for_input(self, prompt: str) -> str:
-        self.out.write(prompt)
-        self.out.flush()
+        typed = sys.stdin.isatty()
+        if typed:
+            self.out.write(prompt)
+            self.out.flush()
         line = sys.stdin.readline()
         if not line:
             raise EOFError
-        return line.rstrip("\n")
+        line = line.rstrip("\n")
+        if not typed:  # piped input is not echoed by a terminal: show what was asked, for the log
+            print(f"{prompt}{line}", file=self.out, flush=True)
+        return line
 
     def stream_output(self, updates: Iterable[list[PanelView]]) -> list[PanelView]:
         views = _last(updates)
@@ -236,7 +241,8 @@ class RichChatIO(ChatIO):
         t = Table(title=title, title_justify="left")
         for i, name in enumerate(header):
             numeric = all(_is_number(str(r[i])) for r in rows)
-            t.add_column(name, justify="right" if numeric and rows else "left", overflow="fold")
+            # The first column names the row: kept on one line, the numbers' headers wrap instead.
+            t.add_column(name, justify="right" if numeric and rows else "left", overflow="fold", no_wrap=i == 0)
         for row in rows:
             t.add_row(*[str(c) for c in row])
         self.console.print(t)

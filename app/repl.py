@@ -54,7 +54,7 @@ from trainer.errors import StepwiseError
 from trainer.generate import GenerationSettings, generate_batch
 from trainer.prompts import HeldoutPrompt, load_prompts
 
-DEFAULT_PROMPTS = "eval_prompts/demo_ifeval.jsonl"
+DEFAULT_PROMPTS = "eval_prompts/demo_ifeval.jsonl"  # from the working folder, else from the repository
 MAX_PANELS = 4
 PROMPT = "you> "
 METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose", "rougeL", "mean_length",
@@ -461,6 +461,7 @@ def spot_check(paths: list[Path], cache, settings: GenerationSettings, prompts_p
     pool = load_prompts(prompts_path)
     chosen = random.Random(settings.seed or 0).sample(pool, min(n, len(pool)))
     conversations = [[{"role": "user", "content": p.prompt}] for p in chosen]
+    plain = isinstance(io, PlainChatIO)
     rows = []
     for k, path in enumerate(paths, 1):
         t0 = time.perf_counter()
@@ -469,11 +470,16 @@ def spot_check(paths: list[Path], cache, settings: GenerationSettings, prompts_p
         results = [scoring.score_response(p, g.text) for p, g in zip(chosen, gens)]
         s = scoring.summarize(results, [g.finished for g in gens])
         info = loaded.info
-        rows.append([short_name(path), fmt(info.step if info else None), fmt(info.val_loss if info else None),
-                     str(s["n"])] + [fmt(s[m]) for m in METRICS] + [str(path)])
+        if plain:
+            rows.append([short_name(path), fmt(info.step if info else None), fmt(info.val_loss if info else None),
+                         str(s["n"])] + [fmt(s[m]) for m in METRICS] + [str(path)])
+        else:  # a terminal is read by eye: the panel titles, 3 digits, no paths
+            rows.append(summary_row(checkpoint_title(path), s))
         print(f"spot-check {k}/{len(paths)} {short_name(path)}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    io.table(f"spot check: {len(chosen)} prompts from {prompts_path}" if not isinstance(io, PlainChatIO) else None,
-             SPOT_HEADER, rows)
+    if plain:
+        io.table(None, SPOT_HEADER, rows)
+    else:
+        io.table(f"spot check: {len(chosen)} prompts from {prompts_path}", ["checkpoint", "n", *METRICS], rows)
     return 0
 
 
@@ -499,6 +505,8 @@ def parse_args(argv):
         kind = int if str(f.type).startswith("int") else float
         ap.add_argument(f"--{f.name}", type=kind, default=getattr(defaults, f.name), help=f"generation: {f.name}")
     args = ap.parse_args(argv)
+    if args.prompts == DEFAULT_PROMPTS and not Path(DEFAULT_PROMPTS).is_file():
+        args.prompts = str(Path(__file__).resolve().parents[1] / DEFAULT_PROMPTS)
     if args.spot_check is not None and args.spot_check < 1:
         ap.error(f"--spot-check N must be at least 1, got {args.spot_check}")
     if args.prompt is not None and args.spot_check is not None:

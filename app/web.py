@@ -10,25 +10,19 @@ otherwise; a public share link only with --share.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+import gradio as gr
+
+from app.session import CompareSession, ModelCache
+from app.votes import VoteStore
+from app.web_common import CSS, MAX_SIDES, WebConfig, checkpoint_choices, default_picks, inside_root, run_choices
+from app.web_compare import CompareTab, check_prompt, settings_from
+from app.web_eval import build_eval_tab
+from app.web_timeline import build_timeline_tab
+from app.web_training import build_training_tab
 from trainer.errors import StepwiseError
-
-# Before gradio is imported: no usage analytics or version checks from a closed, private server.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-import gradio as gr  # noqa: E402
-
-from app.session import CompareSession, ModelCache  # noqa: E402
-from app.votes import VoteStore  # noqa: E402
-from app.web_common import (CSS, MAX_SIDES, WebConfig, _inside, checkpoint_choices, default_picks,  # noqa: E402
-                            run_choices)
-from app.web_compare import CompareTab, check_prompt, settings_from  # noqa: E402
-from app.web_eval import build_eval_tab  # noqa: E402
-from app.web_timeline import build_timeline_tab  # noqa: E402
-from app.web_training import build_training_tab  # noqa: E402
 
 INTRO = ("**Stepwise**: is step 1500 better than step 1000? Pick a checkpoint per column, send a prompt "
          "(or draw a held-out one), and vote. Root: `{root}`")
@@ -38,8 +32,10 @@ def build_app(cfg: WebConfig) -> gr.Blocks:
     """The whole page; one model cache and one votes file shared by every browser."""
     cache = ModelCache(cfg.cache_bytes)
     votes = VoteStore(cfg.root)
-    with gr.Blocks(title="Stepwise: compare checkpoints") as demo:
+    # No usage analytics: a private server on a closed network phones nowhere.
+    with gr.Blocks(title="Stepwise: compare checkpoints", analytics_enabled=False) as demo:
         gr.Markdown(INTRO.format(root=cfg.root))
+        catalogue = gr.Markdown(elem_id="catalogue")
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
                 compare = CompareTab(cfg, cache, votes)
@@ -64,10 +60,12 @@ def build_app(cfg: WebConfig) -> gr.Blocks:
             for dd, v in zip(run_dropdowns, run_values):
                 out[dd] = gr.Dropdown(choices=names, value=v if v in names else (names[0] if names else None))
             out[compare.ratings] = compare.ratings_value()
+            out[catalogue] = (f"{len(choices)} checkpoint(s) in {len(names)} run(s)." if choices else
+                              "No checkpoints under the root yet: run `make train`, then press Refresh.")
             return out
 
         list_inputs = [*compare.pickers, *run_dropdowns]
-        list_outputs = [*compare.pickers, evaluation.picks, *run_dropdowns, compare.ratings]
+        list_outputs = [*compare.pickers, evaluation.picks, *run_dropdowns, compare.ratings, catalogue]
 
         def on_load(*values):
             return lists(list(values[:MAX_SIDES]), list(values[MAX_SIDES:]), fill=True)
@@ -90,7 +88,7 @@ def build_app(cfg: WebConfig) -> gr.Blocks:
             if not isinstance(checkpoints, list) or not 1 <= len(checkpoints) <= MAX_SIDES:
                 raise gr.Error(f"give 1 to {MAX_SIDES} checkpoints")
             try:
-                paths = [str(_inside(cfg.root, c, "checkpoint")) for c in checkpoints]
+                paths = [str(inside_root(cfg.root, c, "checkpoint")) for c in checkpoints]
             except StepwiseError as err:
                 raise gr.Error(str(err)) from None
             session = CompareSession(paths, cache=cache, root=cfg.root,

@@ -45,7 +45,7 @@ class WebConfig:
 
 # --- the guard -----------------------------------------------------------------------------------
 
-def _inside(root: Path, value, what: str) -> Path:
+def inside_root(root: Path, value, what: str) -> Path:
     """root / value, refusing anything that is not a plain relative path that stays under root."""
     if not isinstance(value, str) or not value.strip():
         raise StepwiseError(f"no {what} chosen")
@@ -61,14 +61,14 @@ def _inside(root: Path, value, what: str) -> Path:
 
 def resolve_checkpoint(root: Path, value) -> Path:
     """The checkpoint folder a browser's value names; a StepwiseError for anything else."""
-    path = _inside(root, value, "checkpoint")
+    path = inside_root(root, value, "checkpoint")
     if not is_checkpoint(path):
         raise StepwiseError(f"{value}: no checkpoint there (refresh the list)")
     return path
 
 
 def resolve_run(root: Path, value) -> Path:
-    path = _inside(root, value, "run")
+    path = inside_root(root, value, "run")
     if path.parent != root or not path.is_dir():
         raise StepwiseError(f"{value}: no such run under the root")
     return path

@@ -20,8 +20,8 @@ import gradio as gr
 
 from app.session import CompareSession, ModelCache
 from app.votes import OUTCOME_LABELS, RATING_HEADERS, Vote, VoteStore, ratings_table
-from app.web_common import (MAX_SIDES, MIN_SIDES, SIDE_NAMES, WebConfig, constraints_html, esc, prompt_file_choices,
-                            rel, resolve_prompt_file, scores_html, _inside)
+from app.web_common import (MAX_SIDES, MIN_SIDES, SIDE_NAMES, WebConfig, constraints_html, esc, inside_root,
+                            prompt_file_choices, rel, resolve_prompt_file, scores_html)
 from trainer.errors import StepwiseError
 from trainer.generate import Generation, GenerationSettings
 from trainer.prompts import HeldoutPrompt, load_prompts
@@ -80,7 +80,7 @@ def sync_sides(cfg: WebConfig, browser: Browser, picks: list) -> None:
     browser.scores = (browser.scores + [None] * len(picks))[: len(picks)]
     for i, pick in enumerate(picks):
         try:
-            path = str(_inside(cfg.root, pick, "checkpoint"))
+            path = str(inside_root(cfg.root, pick, "checkpoint"))
         except StepwiseError as err:
             path, browser.notes[i] = None, str(err)
         if i >= len(s.sides):
@@ -102,22 +102,13 @@ def stats_text(gen: Generation | None, side, note: str | None) -> str:
             f"{state}{' · streaming…' if not gen.done else ''}")
 
 
-@functools.lru_cache(maxsize=16)
-def _prompts(path: str, mtime_ns: int) -> list[HeldoutPrompt]:
-    return load_prompts(path)
-
-
-def heldout_prompts(cfg: WebConfig, name) -> list[HeldoutPrompt]:
-    path = resolve_prompt_file(cfg, name)
-    return _prompts(str(path), path.stat().st_mtime_ns)
-
-
 class CompareTab:
     """Builds the tab; the per-column components are in the lists `columns`, `pickers`, `chats`,
     `stats`, `scores`."""
 
     def __init__(self, cfg: WebConfig, cache: ModelCache, votes: VoteStore):
         self.cfg, self.cache, self.votes = cfg, cache, votes
+        self._prompt_files: dict[str, tuple[int, list[HeldoutPrompt]]] = {}
         self.state = gr.State(None)
         with gr.Row():
             self.n_sides = gr.Radio([2, 3, 4], value=MIN_SIDES, label="Columns", elem_id="n-sides", scale=1)
@@ -276,7 +267,7 @@ class CompareTab:
         while len(s.sides) <= i:
             s.add(None)
         try:
-            path, note = str(_inside(self.cfg.root, pick, "checkpoint")), None
+            path, note = str(inside_root(self.cfg.root, pick, "checkpoint")), None
         except StepwiseError as err:
             path, note = None, str(err)
         if s.sides[i].path != path:
@@ -297,7 +288,7 @@ class CompareTab:
 
     def on_draw(self, state, name):
         try:
-            prompts = heldout_prompts(self.cfg, name)
+            prompts = self.heldout_prompts(name)
         except StepwiseError as err:
             raise gr.Error(str(err)) from None
         browser = self.browser(state)
@@ -340,6 +331,15 @@ class CompareTab:
         state.voted.add(key)
         return {self.state: state, self.ratings: ratings_table(self.votes.read()),
                 self.vote_status: f"Recorded: {OUTCOME_LABELS[outcome]} ({a_name} = {vote.a}, {b_name} = {vote.b})."}
+
+    def heldout_prompts(self, name) -> list[HeldoutPrompt]:
+        """A prompt file's prompts, read again only when the file changed."""
+        path = resolve_prompt_file(self.cfg, name)
+        mtime = path.stat().st_mtime_ns
+        cached = self._prompt_files.get(path.name)
+        if cached is None or cached[0] != mtime:
+            cached = self._prompt_files[path.name] = (mtime, load_prompts(path))
+        return cached[1]
 
     def ratings_value(self):
         return ratings_table(self.votes.read())

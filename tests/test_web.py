@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from app.web_common import (WebConfig, _inside, checkpoint_choices, default_picks, resolve_checkpoint, resolve_run,
+from app.web_common import (WebConfig, inside_root, checkpoint_choices, default_picks, resolve_checkpoint, resolve_run,
                             scores_html)
 from trainer.errors import StepwiseError
 
@@ -157,11 +157,11 @@ def test_guard_refuses_everything_outside_the_root(demo_root):
            "demo/../../outside/step-000010", "", None, 3, ["demo/step-000010"], "demo\x00/step-000010", "."]
     for value in bad:
         with pytest.raises(StepwiseError):
-            _inside(root, value, "checkpoint")
+            inside_root(root, value, "checkpoint")
     (root / "link").symlink_to(root.parent / "outside", target_is_directory=True)
     try:
         with pytest.raises(StepwiseError):
-            _inside(root, "link/step-000010", "checkpoint")
+            inside_root(root, "link/step-000010", "checkpoint")
     finally:
         (root / "link").unlink()
     with pytest.raises(StepwiseError, match="no checkpoint"):
@@ -255,6 +255,23 @@ def test_api_never_loads_outside_the_root(client, demo_root, value):
     assert "not a checkpoint under the root" in shown
 
 
+@pytest.mark.parametrize("value", ["..", "../outside", "ABSOLUTE", "demo/../.."])
+def test_run_pickers_never_read_outside_the_root(client, demo_root, value):
+    if value == "ABSOLUTE":
+        value = str(demo_root.parent / "outside")
+    _, html = client.predict(value, api_name="/timeline_run")
+    assert "not a run under the root" in html
+    assert "not a run under the root" in client.predict(value, "lower", api_name="/timeline")
+    plot, status, table, plan = client.predict(value, api_name="/training")
+    assert "not a run under the root" in status and not table["data"] and plot is None
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="not a checkpoint under the root"):
+        client.predict([value + "/step-000010"], "prompts.jsonl", 1, 1, api_name="/eval")
+    with pytest.raises(AppError, match="not in the list of choices"):  # prompt files are named, never paths
+        client.predict(["demo/step-000010"], "../prompts.jsonl", 1, 1, api_name="/eval")
+
+
 def test_prompt_length_is_capped(client):
     from gradio_client.exceptions import AppError
 
@@ -346,3 +363,28 @@ def test_compare_handlers_turns_regenerate_stop_votes_clear(demo_root, tmp_path)
     assert all(s.history == [] for s in browser.session.sides) and cleared[tab.chats[0]] == []
     with pytest.raises(gr.Error, match="prompt"):
         list(tab.on_send({**data, tab.prompt: "   "}))
+
+
+# --- the real trainer's run (conftest's tiny_run): the layout contract, read the way the tabs read it -----
+
+def test_real_trainer_run_lists_and_renders(tiny_run):
+    from app.web_timeline import prompt_choices, timeline_html
+    from app.web_training import checkpoint_rows, loss_figure, plan_text, status_markdown
+    from trainer.checkpoint import read_run
+
+    root = tiny_run.parent.resolve()
+    choices = checkpoint_choices(root)
+    values = [v for _, v in choices]
+    assert values == ["tiny/step-000010", "tiny/step-000020", "tiny/step-000030", "tiny/final"]
+    assert sum("(best)" in label for label, _ in choices) == 1
+    assert default_picks(choices, 2) == ["tiny/step-000010", "tiny/step-000030"]
+    keys = [k for _, k in prompt_choices(tiny_run)]
+    assert keys, "the trainer stored no held-out samples"
+    page = timeline_html(tiny_run, keys[0])
+    assert page.count("data-step=") == 3 and "tokens" in page
+    info = read_run(tiny_run)
+    rows = checkpoint_rows(info)
+    assert [r[1] for r in rows[:3]] == [10, 20, 30] and all(isinstance(r[3], float) for r in rows)
+    assert "Verdict" in status_markdown(info.metrics)
+    assert "steps per epoch" in plan_text(tiny_run, info.metrics)
+    assert len(loss_figure(info.metrics["history"], [10, 20, 30], info.metrics["best"]["step"]).axes) == 1

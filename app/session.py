@@ -138,9 +138,10 @@ class CompareSession:
         return str(full)
 
     def set_side(self, i: int, path: str | None) -> None:
-        """Put another checkpoint on side i; its conversation starts afresh."""
+        """Put another checkpoint on side i; its conversation starts afresh (unless it is the same one)."""
         resolved = self.resolve(path)
-        self.sides[i] = Side(path=resolved)
+        if resolved != self.sides[i].path:
+            self.sides[i] = Side(path=resolved)
 
     def add(self, path: str | None = None) -> int:
         self.sides.append(Side(path=self.resolve(path)))

@@ -82,8 +82,31 @@ def test_sides_can_be_set_added_dropped_and_left_empty(root):
     assert updates[-1][1] is None and session.sides[1].history == []
     session.set_side(1, "run/step-000020")
     assert session.sides[1].history == [] and session.sides[1].path == str(root / "run/step-000020")
+    session.set_side(0, str(root / "run/step-000010"))  # the same checkpoint again: the conversation stays
+    assert len(session.sides[0].history) == 2
     session.drop(0)
     assert len(session.sides) == 1 and session.sides[0].path.endswith("step-000020")
+
+
+def test_one_checkpoint_on_two_sides_and_sampled_regeneration(root):
+    session = CompareSession(["run/step-000010"] * 2, settings=SETTINGS, root=root)
+    final = list(session.stream_all("Say hello."))[-1]
+    assert final[0].text == final[1].text  # one model object generating in two threads at once
+    assert len(session.cache) == 1
+    session.settings = GenerationSettings(max_new_tokens=10, temperature=1.5, seed=3)
+    list(session.stream_all("Name a fruit."))
+    first = session.sides[0].last.text
+    answers = set()
+    for _ in range(3):
+        list(session.regenerate())
+        answers.add(session.sides[0].last.text)
+        assert len(session.sides[0].history) == 4
+    assert len(answers | {first}) > 1  # each regeneration draws with the next seed
+    again = CompareSession(["run/step-000010"], settings=SETTINGS, cache=session.cache, root=root)
+    list(again.stream_all("Say hello."))
+    again.settings = GenerationSettings(max_new_tokens=10, temperature=1.5, seed=3)
+    list(again.stream_all("Name a fruit."))
+    assert again.sides[0].last.text == first  # and the whole sequence is reproducible
 
 
 def test_stop_event_and_early_close(root):

@@ -106,7 +106,7 @@ def test_pty_session(ckpts):
         child.expect_exact("you>")
         child.sendline("/heldout 2")
         child.expect("held-out scores")
-        child.expect("if_prompt_strict")
+        child.expect_exact("rougeL")
         child.expect_exact("[1] tiny · step 10")
         child.expect_exact("[2] tiny · step 20")
         child.expect_exact("you>")

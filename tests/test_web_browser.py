@@ -26,6 +26,9 @@ TIMEOUT_MS = 30_000
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("browser") / "checkpoints"
     make_demo_root(root)
+    broken = root / "broken" / "step-000010"  # loads as nothing: its weights are not safetensors
+    shutil.copytree(root / "demo" / "step-000010", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     return root
 
 
@@ -59,11 +62,15 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"web-{name}.png"), full_page=True)
 
 
+def choose(page, elem_id: str, text: str) -> None:
+    """Pick the dropdown option containing `text`, as a person would."""
+    page.click(f"#{elem_id} input")
+    page.locator(f"#{elem_id} li[role=option]", has_text=text).first.click()
+    page.wait_for_function(f"document.querySelector('#{elem_id} input').value.includes({text!r})")
+
+
 def pick(page, column: int, text: str) -> None:
-    page.click(f"#pick-{column} input")
-    page.locator(f"#pick-{column} li[role=option]", has_text=text).first.click()
-    page.wait_for_function(
-        f"document.querySelector('#pick-{column} input').value.includes({text!r})", timeout=TIMEOUT_MS)
+    choose(page, f"pick-{column}", text)
 
 
 def test_compare_two_checkpoints_vote_and_ratings(page, root, server):
@@ -75,8 +82,11 @@ def test_compare_two_checkpoints_vote_and_ratings(page, root, server):
     page.click("#pick-1 input")
     page.locator("#pick-1 li[role=option]", has_text="step 40").wait_for()
     page.keyboard.press("Escape")
-    pick(page, 0, "step 10")
-    pick(page, 1, "step 20 val 2.500 (best)")
+    pick(page, 0, "demo / step 10")
+    pick(page, 1, "demo / step 20 val 2.500 (best)")
+    page.locator("#n-sides").get_by_text("3").click()  # a third column, on a checkpoint that cannot load
+    page.locator("#pick-2 input").wait_for(state="visible")
+    pick(page, 2, "broken / step 10")
     shot(page, "1-picked")
 
     page.click("#draw")
@@ -86,6 +96,7 @@ def test_compare_two_checkpoints_vote_and_ratings(page, root, server):
     for i in (0, 1):  # both columns answer, with speed and length
         page.locator(f"#stats-{i}").get_by_text(re.compile(r"tokens/s .* tokens .* (stopped|cut)")).wait_for()
         page.locator(f"#scores-{i}").get_by_text(re.compile("rougeL")).wait_for()
+    page.locator("#stats-2").get_by_text("Error").wait_for()  # in its own column; the others answered
     for i in (0, 1):
         assert page.locator(f"#chat-{i} .message-row, #chat-{i} [data-testid=bot]").count() >= 1
     assert "pass" in page.inner_text("#scores-0") or "fail" in page.inner_text("#scores-0")
@@ -104,7 +115,8 @@ def test_compare_two_checkpoints_vote_and_ratings(page, root, server):
 
 def test_timeline_shows_every_step(page):
     page.get_by_role("tab", name="Timeline").click()
-    page.locator("#timeline-view .sw-step").first.wait_for()
+    choose(page, "timeline-run", "demo")
+    page.wait_for_function("document.querySelectorAll('#timeline-view .sw-step').length >= 3")
     steps = page.locator("#timeline-view .sw-step").evaluate_all("els => els.map(e => e.dataset.step)")
     assert steps[:3] == ["10", "20", "30"]
     assert "answer lower at step 30" in page.inner_text("#timeline-view")
@@ -113,6 +125,7 @@ def test_timeline_shows_every_step(page):
 
 def test_training_plot_renders(page):
     page.get_by_role("tab", name="Training").click()
+    choose(page, "training-run", "demo")
     page.locator("#training-plot img, #training-plot svg, #training-plot canvas").first.wait_for()
     page.locator("#training-status").get_by_text("overfitting").first.wait_for()
     assert "step 20 (best)" in page.inner_text("#training-checkpoints")

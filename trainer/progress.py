@@ -97,12 +97,6 @@ class Reporter:
             text = "\n\n".join(f"**{r.get('key')}** {r.get('prompt')}\n\n> {r.get('response')}" for r in rows[:8])
             self.writer.add_text("heldout/samples", text, step)
 
-    def contamination(self, found: dict, keys: list[str]) -> None:
-        n = found.get("count", 0) if isinstance(found, dict) else 0
-        if n:
-            first = ", ".join(str(k) for k in found.get("keys", [])[:5])
-            self.info(f"warning: {n} held-out prompt(s) also appear in the training data (first: {first})")
-
     def finish(self, log, run_dir: Path) -> None:
         self.close()
         if not self.enabled:

@@ -230,12 +230,12 @@ def setup(cfg: Config) -> Run:
 
 
 def warn_contamination(reporter: Reporter, heldout: list, records: list[dict]) -> None:
-    try:
-        from trainer.contamination import check_prompts_against_records
-    except ImportError:
-        return
-    found = check_prompts_against_records([p.prompt for p in heldout], records)
-    reporter.contamination(found, [p.key for p in heldout])
+    """Held-out prompts that also appear in the training data make their scores meaningless: say so."""
+    from trainer.contamination import check_prompts_against_records, warn
+
+    if reporter.enabled:
+        found = check_prompts_against_records([p.prompt for p in heldout], records, keys=[p.key for p in heldout])
+        warn(found, reporter.console, source=f"the training data ({len(records)} records)")
 
 
 # --- fit -----------------------------------------------------------------------------------------

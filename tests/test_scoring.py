@@ -1,10 +1,10 @@
-"""trainer.scoring: IFEval strict/loose against the paper's GPT-4 figures, literal examples, aggregates."""
+"""trainer.scoring: IFEval strict/loose against the paper's GPT-4 figures, substituted kwargs, literal examples,
+aggregates."""
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,33 +29,64 @@ def gpt4() -> tuple[list[HeldoutPrompt], dict[str, str]]:
     return prompts, responses
 
 
-def test_gpt4_figures_are_the_packages_and_fast(gpt4):
+def test_gpt4_reproduces_the_papers_figures_and_lists_the_substituted_checks(gpt4):
     prompts, responses = gpt4
     start = time.perf_counter()
-    summary = scoring.summarize([scoring.score_response(p, responses[p.prompt]) for p in prompts])
+    results = [scoring.score_response(p, responses[p.prompt]) for p in prompts]
+    summary = scoring.summarize(results)
     assert time.perf_counter() - start < 10
     assert summary["n"] == 541
-    # Our deterministic figures (if-verifiable 0.1.2, untrained Punkt, seeded builds).
-    assert pct(summary, "if_prompt_strict") == pytest.approx(77.08, abs=0.01)
-    assert pct(summary, "if_inst_strict") == pytest.approx(83.69, abs=0.01)
-    assert pct(summary, "if_prompt_loose") == pytest.approx(79.67, abs=0.01)
-    assert pct(summary, "if_inst_loose") == pytest.approx(85.73, abs=0.01)
-
-
-def test_gpt4_reproduces_the_paper_given_its_draw_on_prompt_1122(gpt4):
-    """IFEval's prompt 1122 asks the letter check for "#", which is no letter, so the checker counts a
-    random one; the paper's run drew one that fails. With that draw (q: 0 in the response) every other
-    verdict gives the paper's strict figures exactly."""
-    prompts, responses = gpt4
-    (p1122,) = [p for p in prompts if p.key == "1122"]
-    assert p1122.kwargs[1]["letter"] == "#"
-    turned = [replace(p, kwargs=[p.kwargs[0], {**p.kwargs[1], "letter": "q"}]) if p.key == "1122" else p
-              for p in prompts]
-    summary = scoring.summarize([scoring.score_response(p, responses[p.prompt]) for p in turned])
+    # The seeded draw for the non-letters of 1122 and 1129 fails 1122 and passes 1129, as the paper's
+    # run did: its strict figures exactly (416/541 prompts, 697/834 instructions).
     assert pct(summary, "if_prompt_strict") == pytest.approx(76.89, abs=0.01)
     assert pct(summary, "if_inst_strict") == pytest.approx(83.57, abs=0.01)
+    # Loose: ours exactly (430/541, 714/834; if-verifiable 0.1.2, untrained Punkt), within 0.5 of
+    # the paper's 79.30 / 85.37.
+    assert pct(summary, "if_prompt_loose") == pytest.approx(79.48, abs=0.01)
+    assert pct(summary, "if_inst_loose") == pytest.approx(85.61, abs=0.01)
     assert pct(summary, "if_prompt_loose") == pytest.approx(79.30, abs=0.5)
     assert pct(summary, "if_inst_loose") == pytest.approx(85.37, abs=0.5)
+    # Exactly two checks run on a substituted value: the letter check of 1122 ("#") and 1129 ("!").
+    assert [(r["key"], r["unverified"]) for r in results if r["unverified"]] == [
+        ("1122", ["keywords:letter_frequency"]), ("1129", ["keywords:letter_frequency"])]
+    assert all(isinstance(r["unverified"], list) for r in results)
+    by_key = {r["key"]: r for r in results}
+    # 1122 fails the letter check strict and loose (same built checker, same letter); 1129 passes.
+    assert (by_key["1122"]["strict"][1], by_key["1122"]["loose"][1]) == (False, False)
+    assert (by_key["1129"]["strict"][0], by_key["1129"]["loose"][0]) == (True, True)
+
+
+def test_the_seeded_letter_is_one_that_reproduces_the_paper():
+    # c, g, h, p, u, v, w are the letters that fail 1122 and pass 1129 on GPT-4's responses.
+    for bad in ("#", "!"):
+        checker = scoring.build_checker("keywords:letter_frequency",
+                                        {"letter": bad, "let_frequency": 4, "let_relation": "at least"})
+        assert checker.get_instruction_args()["letter"] == "p"
+
+
+def test_substituted_kwargs_are_listed_and_still_checked():
+    ids = ["keywords:letter_frequency"]
+    kw = {"letter": "#", "let_frequency": 1000, "let_relation": "less than"}
+    assert scoring.unhonoured_kwargs(ids[0], kw) == ["letter"]
+    r = scoring.score_response(prompt(ids, [kw]), "Hello world. #tag")
+    # Fewer than 1000 of any letter: the check passes whatever letter was drawn.
+    assert (r["strict"], r["loose"], r["unverified"]) == ([True], [True], ["keywords:letter_frequency"])
+    assert scoring.unhonoured_kwargs("keywords:letter_frequency",
+                                     {"letter": "x", "let_frequency": -1, "let_relation": "at least"}) == ["let_frequency"]
+    assert scoring.unhonoured_kwargs("keywords:existence", {"keywords": []}) == ["keywords"]
+
+
+def test_values_the_checker_only_normalises_count_as_honoured():
+    assert scoring.unhonoured_kwargs("keywords:letter_frequency",
+                                     {"letter": "A", "let_frequency": 2, "let_relation": "at least"}) == []
+    assert scoring.unhonoured_kwargs("keywords:existence", {"keywords": ["zeta", "alpha"]}) == []
+    assert scoring.unhonoured_kwargs("keywords:forbidden_words", {"forbidden_words": ["b", "a", "b"]}) == []
+    assert scoring.unhonoured_kwargs("startend:end_checker", {"end_phrase": " Bye now. "}) == []
+    assert scoring.unhonoured_kwargs("length_constraints:nth_paragraph_first_word",
+                                     {"num_paragraphs": 2, "nth_paragraph": 1, "first_word": "Hello"}) == []
+    r = scoring.score_response(prompt(["keywords:letter_frequency"],
+                                      [{"letter": "A", "let_frequency": 2, "let_relation": "at least"}]), "a banana")
+    assert (r["strict"], r["unverified"]) == ([True], [])
 
 
 def test_random_draws_are_seeded_and_leave_the_callers_random_state_alone():
@@ -120,7 +151,7 @@ def test_check_constraints_drops_none_kwargs_like_hf_ifeval_rows():
 def test_score_response_fields_rouge_and_length():
     r = scoring.score_response(prompt([], reference="The cats are running home."), "the cat runs home")
     assert r["prompt_strict"] is None and r["prompt_loose"] is None
-    assert r["strict"] == [] and r["length"] == 4
+    assert r["strict"] == [] and r["unverified"] == [] and r["length"] == 4
     # Stemming: cats/cat and running/runs count as the same words; 4 of 5 reference words match.
     assert r["rougeL"] == pytest.approx(2 * (4 / 4) * (4 / 5) / (4 / 4 + 4 / 5))
     assert scoring.score_response(prompt([]), "x")["rougeL"] is None

@@ -19,12 +19,18 @@ figures in shared/data/README.md. Untrained Punkt knows no abbreviations, so it 
 "Dr. Smith" as two sentences where the trained model would not. It is patched into if-verifiable's
 `instructions_util` module only, not into nltk globally.
 
-Determinism: langdetect (change_case and language checks) is seeded, and each checker is built under
-a fixed `random` seed, because a checker handed a value it cannot use draws a random one. IFEval's
-own prompt 1122 does this (letter "#" for keywords:letter_frequency), so IFEval's published figures
-for a response set are one draw: on GPT-4's responses we give strict 77.08 / 83.69 and loose
-79.67 / 85.73; the paper's run drew a letter that fails on 1122, and with that one verdict turned
-the strict figures are exactly the paper's 76.89 / 83.57 (tests/test_scoring.py checks both).
+Substituted kwargs: IFEval's checker draws a random letter when a prompt's `letter` kwarg is not a
+letter (IFEval prompts 1122 and 1129); the published figures are one such draw; we fix the seed to a
+draw that reproduces them, so scores are repeatable and comparable with the paper. Every checker is
+built under `random.seed(_BUILD_SEED)`, which draws "p": GPT-4's responses then fail 1122 and pass
+1129, as in the paper's run (any of c, g, h, p, u, v, w would), and score strict 76.89 / 83.57 (the
+paper's, exactly) and loose 79.48 / 85.61 (paper 79.30 / 85.37); tests/test_scoring.py checks them.
+Strict and loose use the same built checker, so the same letter. A check that ran on a substituted
+value is listed in score_response's "unverified": we find them by comparing the given kwargs with the
+built checker's `get_instruction_args()`, up to the normalisation checkers apply (strings stripped and
+lower-cased, lists sorted and de-duplicated). The seed also fixes draws for kwargs not given at all
+(load_prompts requires them; check_constraints does not). langdetect (change_case and language
+checks) is seeded too.
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ if TYPE_CHECKING:
 # IFEval counts words as runs of \w (instructions_util.count_words); `length` uses the same rule so
 # that it agrees with length_constraints:number_words.
 _WORD = re.compile(r"\w+")
-_BUILD_SEED = 0
+# Seed for every checker build. random.seed(3) makes the letter check's draw "p" (see the docstring):
+# the draw that reproduces IFEval's published GPT-4 figures. Changing it changes IFEval scores.
+_BUILD_SEED = 3
 
 
 @functools.cache
@@ -107,27 +115,55 @@ def required_kwargs(instruction_id: str) -> list[str]:
 def build_checker(instruction_id: str, kwargs: Mapping[str, Any] | None = None, prompt: str = "") -> Any:
     """A built IFEval checker, cached. Raises KeyError for an unknown id and whatever the checker's
     build_description raises (TypeError, ValueError, ...) for kwargs it rejects."""
+    return _build(instruction_id, kwargs, prompt)[0]
+
+
+def unhonoured_kwargs(instruction_id: str, kwargs: Mapping[str, Any] | None = None, prompt: str = "") -> list[str]:
+    """The given kwargs that the checker replaced with values of its own (e.g. letter "#", which
+    keywords:letter_frequency swaps for a seeded random letter). Raises as build_checker does."""
+    return list(_build(instruction_id, kwargs, prompt)[1])
+
+
+def _build(instruction_id: str, kwargs: Mapping[str, Any] | None, prompt: str) -> tuple[Any, tuple[str, ...]]:
     clean = {k: v for k, v in (kwargs or {}).items() if v is not None}
     # The prompt is part of the cache key only for the checkers that read it.
     needs_prompt = "prompt" in _arg_keys(instruction_id)
     return _build_checker(instruction_id, json.dumps(clean, sort_keys=True), prompt if needs_prompt else "")
 
 
+def _normalised(value: Any) -> Any:
+    """A kwarg value as the checkers store it: strings stripped (and lower-cased, as the letter and
+    first-word checks do), lists sorted and de-duplicated (keywords, forbidden words)."""
+    if isinstance(value, str):
+        return value.strip().lower()
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_normalised(v) for v in value]
+        try:
+            return tuple(sorted(set(items), key=repr))
+        except TypeError:  # unhashable items: keep them as a list
+            return items
+    return value
+
+
 @functools.lru_cache(maxsize=8192)
-def _build_checker(instruction_id: str, kwargs_json: str, prompt: str) -> Any:
+def _build_checker(instruction_id: str, kwargs_json: str, prompt: str) -> tuple[Any, tuple[str, ...]]:
     checker = instruction_registry()[instruction_id](instruction_id)
-    # A checker given a value it cannot use draws a random one from the global `random` (IFEval's
-    # prompt 1122 passes letter "#", and the letter check then counts a random letter). Seeding
-    # makes that draw, and so every score, the same on every run; the caller's random state is kept.
+    given = json.loads(kwargs_json)
+    # A checker given a value it cannot use (IFEval's prompts 1122 and 1129 pass letters "#" and "!")
+    # or none draws one from the global `random`. The fixed seed makes those draws, and so every
+    # score, the same on every run, and the same draw as the paper's (see the module docstring).
+    # The caller's random state is kept.
     state = random.getstate()
     random.seed(_BUILD_SEED)
     try:
-        checker.build_description(**json.loads(kwargs_json))
+        checker.build_description(**given)
         if prompt:
             checker.build_description(prompt=prompt)
     finally:
         random.setstate(state)
-    return checker
+    built = checker.get_instruction_args() or {}
+    unhonoured = tuple(k for k, v in given.items() if k in built and _normalised(v) != _normalised(built[k]))
+    return checker, unhonoured
 
 
 def loose_variants(response: str) -> list[str]:
@@ -145,16 +181,20 @@ def _follows(checker: Any, text: str) -> bool:
 
 
 def _check(instruction_id_list: Sequence[str], kwargs: Sequence[Mapping[str, Any]] | None, response: str,
-           prompt: str, loose: bool = True) -> tuple[list[bool], list[bool]]:
+           prompt: str, loose: bool = True) -> tuple[list[bool], list[bool], list[str]]:
+    """Strict verdicts, loose verdicts (empty unless loose), and the ids whose given kwargs the
+    checker substituted."""
     kwargs = list(kwargs) if kwargs else [{}] * len(instruction_id_list)
     variants = loose_variants(response) if loose else []
-    strict_verdicts, loose_verdicts = [], []
+    strict_verdicts, loose_verdicts, unverified = [], [], []
     for instruction_id, kw in zip(instruction_id_list, kwargs, strict=True):
-        checker = build_checker(instruction_id, kw, prompt)
+        checker, unhonoured = _build(instruction_id, kw, prompt)
+        if unhonoured:
+            unverified.append(instruction_id)
         strict_verdicts.append(_follows(checker, response))
         if loose:
             loose_verdicts.append(any(_follows(checker, v) for v in variants))
-    return strict_verdicts, loose_verdicts
+    return strict_verdicts, loose_verdicts, unverified
 
 
 def check_constraints(instruction_id_list: Sequence[str], kwargs: Sequence[Mapping[str, Any]] | None,
@@ -180,8 +220,10 @@ def words(text: str) -> list[str]:
 
 
 def score_response(p: HeldoutPrompt, response: str) -> dict[str, Any]:
-    """Per-prompt scores; prompt_strict/loose are None when the prompt carries no instructions."""
-    strict, loose = _check(p.instruction_id_list, p.kwargs, response, p.prompt)
+    """Per-prompt scores; prompt_strict/loose are None when the prompt carries no instructions.
+    "unverified" lists the instruction ids checked with a value the checker substituted for the one
+    given (IFEval's 1122 and 1129: a seeded random letter for a non-letter); empty otherwise."""
+    strict, loose, unverified = _check(p.instruction_id_list, p.kwargs, response, p.prompt)
     has_checks = bool(p.instruction_id_list)
     return {
         "key": p.key,
@@ -193,6 +235,7 @@ def score_response(p: HeldoutPrompt, response: str) -> dict[str, Any]:
         "loose": loose,
         "prompt_strict": all(strict) if has_checks else None,
         "prompt_loose": all(loose) if has_checks else None,
+        "unverified": unverified,
         "rougeL": rouge_l(p.reference, response) if p.reference is not None else None,
         "length": len(words(response)),
     }

@@ -197,6 +197,8 @@ class Repl:
             fn(arg)
         except StepwiseError as err:
             self.io.error(str(err))
+        except KeyboardInterrupt:  # Ctrl-C outside an answer (loading, scoring) ends the command only
+            self.io.error("interrupted")
         except Exception as err:  # a failure in one command must not end a comparison session
             first = (str(err).strip().splitlines() or [""])[0]
             self.io.error(f"{type(err).__name__}: {first}")
@@ -349,9 +351,12 @@ class Repl:
                 return check_lines(p, r)
 
             self.stream(scratch, p.prompt, extra)
+            if self._stop.is_set():  # Ctrl-C ends the whole run; what was answered is still scored
+                self.io.message(f"stopped after {k} of {len(chosen)} prompts")
+                break
         rows = [summary_row(f"[{i}] {self.title(s)}", scoring.summarize(r, f))
                 for i, (s, r, f) in enumerate(zip(scratch.sides, results, finished), 1) if r]
-        self.io.table(f"held-out scores ({len(chosen)} prompts from {self.prompts_path})",
+        self.io.table(f"held-out scores ({k} prompt(s) from {self.prompts_path})",
                       ["checkpoint", "n", *METRICS], rows)
 
     def score_target(self, arg: str) -> HeldoutPrompt:
@@ -385,7 +390,8 @@ class Repl:
             try:
                 scoring.build_checker(i, kw, p.prompt)
             except Exception as err:  # the checkers raise many types for bad kwargs
-                raise StepwiseError(f"/score: {i} rejects {kw}: {err}") from None
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise StepwiseError(f"/score: {i} rejects {kw}: {reason}") from None
         return p
 
     def cmd_score(self, arg: str) -> None:

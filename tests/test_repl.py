@@ -154,14 +154,17 @@ def _run(session, ckpts, lines):
 
 def test_chat_history_score_and_save(session, ckpts, tmp_path):
     r, io = _run(session, ckpts, ["hello", "answer in capitals", "/score", "/score change_case:english_lowercase",
+                                  '/score length_constraints:number_words relation="less than" num_words=5',
+                                  "/score length_constraints:number_words",
                                   f"/save {tmp_path / 't.json'}", f"/save {tmp_path / 't.md'}"])
     assert [v.body for v in io.outputs[0]] == [ANSWERS[10], ANSWERS[20]]
     assert all(len(s.history) == 4 for s in session.sides)  # two turns each
     assert io.outputs[1][0].subtitle.startswith("turn 2")
-    (_, header, rows), (_, _, lower_rows) = io.tables
+    (_, header, rows), (_, _, lower_rows), (_, _, short_rows) = io.tables
     assert [row[1] for row in rows] == ["✗", "✓"]  # only step 20 answered in capitals
     assert lower_rows[1][1] == "✗"
-    assert io.errors == []
+    assert [row[1] for row in short_rows] == ["✓", "✗"]  # 4 words and 6 words
+    assert io.errors == ["/score: length_constraints:number_words needs num_words=..., relation=..."]
     saved = json.loads((tmp_path / "t.json").read_text())
     assert [m["content"] for m in saved["panels"][1]["history"]] == ["hello", ANSWERS[20], "answer in capitals",
                                                                        ANSWERS[20]]

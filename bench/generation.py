@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ifeval_max_new_tokens", type=int, default=32, help="the cap for the IFEval-file timing")
     parser.add_argument("--skip_ifeval", action="store_true")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()))
+    # One thread by default: on a machine shared with other work, two spinning torch threads per process
+    # made both sides 10-20x slower and the figures swing from run to run; pass --threads 2 when idle.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

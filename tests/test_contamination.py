@@ -25,7 +25,7 @@ def test_exact_and_near_duplicates_are_found():
         "Explain how photosynthesis works to a ten year old child using a simple everyday analogy.",
         "Name four fruits.",  # short and different: not flagged
     ]
-    found = find_contamination(heldout, TRAIN, keys=["a", "b", "c", "d"])
+    found = find_contamination(heldout, TRAIN, n=8, threshold=0.5, keys=["a", "b", "c", "d"])
     assert found["exact"] == [0]
     assert [x["index"] for x in found["near"]] == [1]
     near = found["near"][0]
@@ -35,10 +35,10 @@ def test_exact_and_near_duplicates_are_found():
 
 def test_threshold_and_n_decide_near():
     heldout = [LONG]
-    assert find_contamination(heldout, TRAIN, threshold=0.99)["count"] == 0
+    assert find_contamination(heldout, TRAIN, n=8, threshold=0.99)["count"] == 0
     mostly_new = " ".join(["completely", "different", "words"] * 6 + LONG.split()[-12:])
-    assert find_contamination([mostly_new], TRAIN)["count"] == 0
-    assert find_contamination([mostly_new], TRAIN, threshold=0.1)["count"] == 1
+    assert find_contamination([mostly_new], TRAIN, n=8, threshold=0.5)["count"] == 0
+    assert find_contamination([mostly_new], TRAIN, n=8, threshold=0.1)["count"] == 1
 
 
 def test_records_use_their_user_turns_only():
@@ -50,7 +50,7 @@ def test_records_use_their_user_turns_only():
 
 def test_warn_prints_the_count_and_first_keys():
     buf = io.StringIO()
-    found = find_contamination(["name three fruits.", LONG], TRAIN, keys=["k1", "k2"])
+    found = find_contamination(["name three fruits.", LONG], TRAIN, n=8, threshold=0.5, keys=["k1", "k2"])
     warn(found, Console(file=buf, width=200), "run's training data")
     text = buf.getvalue()
     assert "2 of 2 held-out prompt(s)" in text and "k1, k2" in text and "1 exact, 1 near-duplicate" in text
@@ -66,3 +66,9 @@ def test_many_prompts_in_one_pass():
     assert found["exact"] == [2000]
     assert [x["index"] for x in found["near"]] == [2001] and found["near"][0]["train_index"] == 456
     assert found["train_prompts"] == 20000 and found["heldout_prompts"] == 2002
+
+
+def test_defaults_are_13_grams_at_80_percent():
+    found = find_contamination([LONG], TRAIN)
+    assert (found["n"], found["threshold"]) == (13, 0.8)
+    assert found["count"] == 0  # one changed phrase removes too many 13-grams for the 80% cut-off

@@ -1,8 +1,10 @@
 """Held-out prompts that also appear in the training data: exact copies and near-duplicates.
 
 Exact: equal after lower-casing and collapsing whitespace. Near: the share of a held-out prompt's
-word n-grams (lower-cased \\w+ words, n=8 by default) that occur anywhere in the training prompts
-reaches the threshold, the n-gram overlap measure of the GPT-3 and Llama 2 contamination studies.
+word n-grams (lower-cased \\w+ words, n=13 as in GPT-3 by default) that occur anywhere in the training prompts
+reaches the threshold (0.8, Llama 2's "contaminated" cut-off), the overlap measure of those studies.
+Templated data (the demo) shares its wording across prompts, so some of its held-out prompts count as
+near-duplicates although their items never occur in training: the warning says how many are exact.
 The training n-grams are hashed into one dict once, so a check is a single pass over each side.
 A prompt shorter than n words has no n-grams and is checked for exact copies only.
 """
@@ -25,7 +27,7 @@ def _grams(text: str, n: int) -> list[int]:
     return [hash(" ".join(words[i:i + n])) for i in range(len(words) - n + 1)]
 
 
-def find_contamination(heldout_prompts: list[str], train_prompts: list[str], n: int = 8, threshold: float = 0.5,
+def find_contamination(heldout_prompts: list[str], train_prompts: list[str], n: int = 13, threshold: float = 0.8,
                        keys: list[str] | None = None) -> dict:
     """{"count", "indices", "keys", "exact": [i...], "near": [{"index", "key", "overlap", "train_index"}...],
     "n", "threshold", "train_prompts"}: indices into heldout_prompts, keys from `keys` (default the
@@ -68,7 +70,7 @@ def record_prompts(records: list[dict]) -> list[str]:
 
 
 def check_prompts_against_records(prompts: list[str], records: list[dict], keys: list[str] | None = None,
-                                  n: int = 8, threshold: float = 0.5) -> dict:
+                                  n: int = 13, threshold: float = 0.8) -> dict:
     """find_contamination against the user turns of training records."""
     return find_contamination(prompts, record_prompts(records), n=n, threshold=threshold, keys=keys)
 

@@ -40,7 +40,8 @@ class WebConfig:
     def __post_init__(self):
         self.root = Path(self.root).resolve()
         if not self.prompt_files:
-            self.prompt_files = sorted((REPO / "eval_prompts").glob("*.jsonl"))
+            # The IFEval-style file first: its constraints are what the demo is about.
+            self.prompt_files = sorted((REPO / "eval_prompts").glob("*.jsonl"), key=lambda p: "ifeval" not in p.name)
 
 
 # --- the guard -----------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ class CheckpointInfo:
 
     @property
     def label(self) -> str:
-        name = "final" if self.is_final else f"step {self.step}"
+        name = (f"final = step {self.step}" if self.step is not None else "final") if self.is_final else f"step {self.step}"
         loss = f" val {self.val_loss:.3f}" if self.val_loss is not None else ""
         return f"{self.run} / {name}{loss}{' (best)' if self.is_best else ''}"
 

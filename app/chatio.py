@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import io
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -182,8 +183,10 @@ def _no_echo():
         import termios
 
         fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError, io.UnsupportedOperation):  # not a terminal, or no termios
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (ImportError, OSError, ValueError, io.UnsupportedOperation):  # no termios, or stdin replaced
+        saved = None
+    if saved is None:
         yield
         return
     quiet = list(saved)
@@ -206,6 +209,8 @@ class RichChatIO(ChatIO):
         self._session = None  # made on first use: building one checks that stdin is a terminal
 
     def prompt_for_input(self, prompt: str) -> str:
+        if not sys.stdin.isatty():  # piped into a terminal's output: no line editor to run
+            return PlainChatIO(self.console.file).prompt_for_input(prompt)
         from prompt_toolkit import PromptSession
         from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
         from prompt_toolkit.history import InMemoryHistory

@@ -527,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     except StepwiseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while models load or a spot check runs
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _main(args) -> int:
@@ -540,9 +543,8 @@ def _main(args) -> int:
         return spot_check(paths, ModelCache(), settings, args.prompts, args.spot_check, io)
     # No root for the session: its confinement is for the web app; here any folder may be compared.
     session = CompareSession([str(p) for p in paths], settings=settings)
-    interactive = args.prompt is None and not plain and sys.stdin.isatty()
     repl = Repl(session, PlainChatIO() if plain else RichChatIO(), root, args.prompts)
-    if interactive:
+    if not plain and args.prompt is None:
         repl.io = RichChatIO(completer=CommandCompleter(repl))
         print(f"loading {len(paths)} checkpoint(s)…", file=sys.stderr, flush=True)
     for side in session.sides:

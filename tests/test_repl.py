@@ -236,3 +236,18 @@ def test_run_selection_spreads_and_keeps_final(tmp_path):
     picked = repl.run_selection(RunInfo(tmp_path, "r", steps + [final], {}))
     assert [p.name for p in picked] == ["step-000100", "step-000500", "step-001000", "final"]
     assert repl.run_selection(RunInfo(tmp_path, "r", steps[:2], {})) == [s.path for s in steps[:2]]
+
+
+def test_completion_offers_commands_checkpoints_and_settings(session, ckpts):
+    from prompt_toolkit.document import Document
+
+    completer = repl.CommandCompleter(repl.Repl(session, ScriptedChatIO([]), ckpts, str(ckpts / "heldout.jsonl")))
+
+    def complete(text):
+        return [c.text for c in completer.get_completions(Document(text), None)]
+
+    assert complete("/lo") == ["/load"]
+    assert complete("/load tiny/") == ["tiny/step-000010", "tiny/step-000020", "tiny/final"]
+    assert complete("/params temp") == ["temperature="]
+    assert complete("/score ca") == ["caps"]
+    assert complete("hello /lo") == []

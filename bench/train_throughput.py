@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from trainer.batching import micro_batches  # noqa: E402
 from trainer.config import parse_config  # noqa: E402
 from trainer.train import setup, train_step  # noqa: E402
 
@@ -46,26 +47,21 @@ def flops_per_token(model, context: int) -> float:
     return 6 * n_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * context
 
 
-def bench_stepwise(run, warmup: int, steps: int, offset: int = 0) -> dict:
-    from trainer.batching import micro_batches
-
-    lengths = [len(e["input_ids"]) for e in run.train]
-    batches = micro_batches(lengths, run.cfg.optim.mini_batch_size, run.cfg.optim.seed, 0)
-    batches = batches[offset:] + batches[:offset]
-    for i in range(warmup):
-        train_step(run, [batches[i]])
+def bench_stepwise(run, batches: list[list[int]], warmup: int) -> dict:
+    for b in batches[-warmup:]:
+        train_step(run, [b])
     real = sup = 0
     start = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        batch = [run.train[j] for j in batches[i]]
+    for b in batches:
+        batch = [run.train[j] for j in b]
         real += sum(len(e["input_ids"]) for e in batch)
         sup += sum(sum(1 for x in e["labels"][1:] if x != -100) for e in batch)
-        train_step(run, [batches[i]])
+        train_step(run, [b])
     return {"seconds": time.perf_counter() - start, "tokens": real, "supervised": sup}
 
 
 def bench_hf_trainer(model, tokenizer, examples: list[dict], mini_batch_size: int, lr: float,
-                     warmup: int, steps: int) -> dict:
+                     warmup: int, steps: int, seed: int) -> dict:
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
@@ -88,7 +84,7 @@ def bench_hf_trainer(model, tokenizer, examples: list[dict], mini_batch_size: in
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=mini_batch_size,
                                  max_steps=warmup + steps, learning_rate=lr, save_strategy="no", report_to=[],
-                                 logging_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
+                                 logging_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed)
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
                           data_collator=collate, callbacks=[clock])
         trainer.train()
@@ -102,9 +98,9 @@ def main() -> int:
     parser.add_argument("--dataset", default=str(SHARED_ALPACA) if SHARED_ALPACA.exists() else "demo")
     parser.add_argument("--context_length", type=int, default=512)
     parser.add_argument("--mini_batch_size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2, help="alternate the two this many times; keep each one's best")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternate the two this many times, each round a share of one epoch")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,19 +112,24 @@ def main() -> int:
         run.reporter.enabled = False
         initial = copy.deepcopy(run.raw_model)  # the peer starts from the very same weights
         peak = matmul_peak()
-        # Alternating rounds, best of each, because this machine is shared: a neighbour's burst of
-        # work then slows one round of each side rather than all of one side.
-        ours_rounds, theirs_rounds = [], []
+        # One epoch each, cut into alternating rounds: both sides see the whole data set once (the
+        # same examples, in their own order), and a neighbour's burst of work on this shared machine
+        # slows a round of each side rather than all of one side.
+        lengths = [len(e["input_ids"]) for e in run.train]
+        epoch = micro_batches(lengths, args.mini_batch_size, cfg.optim.seed, 0)
+        share = -(-len(epoch) // args.rounds)
+        ours, theirs = [], []
         for r in range(args.rounds):
-            ours_rounds.append(bench_stepwise(run, args.warmup, args.steps, offset=r * (args.warmup + args.steps)))
-            theirs_rounds.append(bench_hf_trainer(copy.deepcopy(initial), run.tokenizer, run.train,
-                                                  args.mini_batch_size, 1e-3, args.warmup, args.steps))
-        ours = max(ours_rounds, key=lambda r: r["supervised"] / r["seconds"])
-        theirs = max(theirs_rounds, key=lambda r: r["supervised"] / r["seconds"])
+            part = epoch[r * share:(r + 1) * share]
+            ours.append(bench_stepwise(run, part, args.warmup))
+            theirs.append(bench_hf_trainer(copy.deepcopy(initial), run.tokenizer, run.train, args.mini_batch_size,
+                                           1e-3, args.warmup, len(part), seed=r))
+        ours, theirs = ({k: sum(r[k] for r in side) for k in side[0]} for side in (ours, theirs))
+        steps = len(epoch)
     fpt = flops_per_token(run.raw_model, args.context_length // 2)
-    print(f"best of {args.rounds} alternating rounds each")
     print(f"data {args.dataset}: {len(run.train)} examples, context {args.context_length}, "
-          f"mini batch {args.mini_batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"mini batch {args.mini_batch_size}, {steps} timed steps each (one epoch, {args.rounds} alternating rounds, "
+          f"{args.warmup} warm-up steps before each), "
           f"{torch.get_num_threads()} threads")
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s (fp32, measured now)")
     rows = []

@@ -8,6 +8,7 @@ load time so that a long evaluation never dies on its last prompt.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,27 +98,34 @@ def _parse(row: Any, line: int, where: str) -> HeldoutPrompt:
     )
 
 
-def load_prompts(path: str | Path) -> list[HeldoutPrompt]:
-    """Read and validate a held-out prompt file. Blank lines are skipped."""
+def read_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, str, object]]:
+    """(line number, "file:line", parsed value) for every non-blank line of a JSON Lines file; an
+    unreadable file or an invalid line is a one-line StepwiseError naming it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise StepwiseError(f"{path}: prompt file not found") from None
+        raise StepwiseError(f"{path}: {what} not found") from None
     except IsADirectoryError:
-        raise StepwiseError(f"{path}: is a directory, expected a JSON Lines prompt file") from None
+        raise StepwiseError(f"{path}: is a directory, expected a JSON Lines {what}") from None
     except UnicodeDecodeError as err:
         raise StepwiseError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    prompts: list[HeldoutPrompt] = []
-    first_line_of_key: dict[str, int] = {}
     for line, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         where = f"{path}:{line}"
         try:
-            row = json.loads(raw)
+            yield line, where, json.loads(raw)
         except json.JSONDecodeError as err:
             raise StepwiseError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+
+
+def load_prompts(path: str | Path) -> list[HeldoutPrompt]:
+    """Read and validate a held-out prompt file. Blank lines are skipped."""
+    path = Path(path)
+    prompts: list[HeldoutPrompt] = []
+    first_line_of_key: dict[str, int] = {}
+    for line, where, row in read_jsonl(path, "prompt file"):
         p = _parse(row, line, where)
         if p.key in first_line_of_key:
             raise StepwiseError(f"{where}: duplicate key {p.key!r} (first on line {first_line_of_key[p.key]})")

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from trainer import scoring
 from trainer.errors import StepwiseError
-from trainer.prompts import HeldoutPrompt, load_prompts
+from trainer.prompts import HeldoutPrompt, load_prompts, read_jsonl
 
 # Fractions shown as percentages; the rest as plain numbers.
 METRICS = [
@@ -45,21 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def load_responses(path: Path) -> dict[str, str]:
     """prompt text -> response. A later line for the same prompt wins, as in IFEval's dict."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise StepwiseError(f"{path}: responses file not found") from None
-    except (IsADirectoryError, UnicodeDecodeError) as err:
-        raise StepwiseError(f"{path}: cannot read responses ({type(err).__name__})") from None
     responses: dict[str, str] = {}
-    for line, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{line}"
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise StepwiseError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    for _line, where, row in read_jsonl(path, "responses file"):
         if not isinstance(row, dict):
             raise StepwiseError(f"{where}: expected a JSON object with `prompt` and `response`")
         if not isinstance(row.get("response"), str):

@@ -168,3 +168,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     steps = list_steps(tmp_path / "nan")
     assert steps, "the checkpoints before the blow-up are kept"
     AutoModelForCausalLM.from_pretrained(tmp_path / "nan" / step_dir_name(steps[-1]))
+
+
+def test_best_model_by_a_heldout_metric(tmp_path):
+    """--metric_for_best_model if_inst_loose: best, early stopping and final/ follow the held-out score."""
+    run_trainer(["train", *FAST, "--max_steps", "12", "--eval_freq", "4", "--checkpoint_freq", "4",
+                 "--eval_prompts", "eval_prompts/demo_ifeval.jsonl", "--eval_num_prompts", "4",
+                 "--eval_max_new_tokens", "8", "--metric_for_best_model", "if_inst_loose",
+                 "--early_stopping_patience", "5", "--dtype", "bf16",
+                 "--output_dir", str(tmp_path), "--run_name", "ifbest"])
+    metrics = json.loads((tmp_path / "ifbest" / "training_metrics.json").read_text())
+    scores = {h["step"]: h["if_inst_loose"] for h in metrics["history"] if "if_inst_loose" in h}
+    assert sorted(scores) == [4, 8, 12]
+    best = metrics["best"]
+    assert best["metric"] == "if_inst_loose" and best["value"] == max(scores.values())
+    assert best["step"] == min(s for s, v in scores.items() if v == best["value"]), "ties keep the earlier one"
+    assert metrics["early_stopping"]["metric"] == "if_inst_loose"
+    final_state = json.loads((tmp_path / "ifbest" / "final" / "trainer_state.json").read_text())
+    assert final_state["step"] == best["step"]

@@ -186,3 +186,15 @@ def test_best_model_by_a_heldout_metric(tmp_path):
     assert metrics["early_stopping"]["metric"] == "if_inst_loose"
     final_state = json.loads((tmp_path / "ifbest" / "final" / "trainer_state.json").read_text())
     assert final_state["step"] == best["step"]
+
+
+def test_fine_tune_from_a_stepwise_checkpoint_on_a_file(tiny_run, tmp_path, shared_data):
+    """--pretrained_model takes one of this project's checkpoints; --dataset a real Alpaca file."""
+    run_trainer(["train", *FAST, "--pretrained_model", str(tiny_run / "final"),
+                 "--dataset", str(shared_data / "alpaca" / "alpaca_en_demo.json"), "--max_steps", "4",
+                 "--eval_freq", "2", "--checkpoint_freq", "2", "--output_dir", str(tmp_path), "--run_name", "ft"])
+    start = load_file(tiny_run / "final" / "model.safetensors")
+    tuned = load_file(tmp_path / "ft" / "step-000004" / "model.safetensors")
+    assert start.keys() == tuned.keys() and any(not torch.equal(start[k], tuned[k]) for k in start)
+    assert (tmp_path / "ft" / "final" / "chat_template.jinja").read_text() == \
+        (tiny_run / "final" / "chat_template.jinja").read_text()

@@ -36,7 +36,7 @@ def test_plan_cli_on_a_52002_record_file(tmp_path):
 def test_plan_times_the_demo_config_for_real(tmp_path):
     proc = run_trainer(["plan", "--config", str(ROOT / "configs" / "demo.yaml"), "--demo_records", "400",
                         "--timing_steps", "2", "--output_dir", str(tmp_path)])
-    assert "measured now over 2 steps" in proc.stdout
+    assert "measured now over 2 training steps" in proc.stdout
     for epochs in ("3", "4", "5"):
         assert f"│ {epochs} " in proc.stdout.replace("  ", " ") or f" {epochs} │" in proc.stdout
 

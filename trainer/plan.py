@@ -62,7 +62,7 @@ def recorded_speed(cfg: Config) -> tuple[float, str] | None:
         saved = run.path / "config.yaml"
         seconds = run.metrics.get("data", {}).get("seconds_per_step")
         if seconds and saved.is_file() and _speed_fields(load_saved(saved)) == wanted:
-            return seconds, f"recorded by run {run.name}"
+            return seconds, f"recorded by run {run.name}, evaluations and checkpoints included"
     return None
 
 
@@ -89,7 +89,7 @@ def measure_speed(cfg: Config, steps: int = 3) -> tuple[float, str]:
         start = time.perf_counter()
         for i in range(1, steps + 1):
             train_step(run, batches[i * g:(i + 1) * g])
-        return (time.perf_counter() - start) / steps, f"measured now over {steps} steps"
+        return (time.perf_counter() - start) / steps, f"measured now over {steps} training steps"
 
 
 def make_plan(cfg: Config, timing_steps: int = 3) -> Plan:
@@ -133,9 +133,10 @@ def render(plan: Plan, console: Console) -> None:
     for column in ("epochs", "steps", "est. time"):
         table.add_column(column, justify="right")
     for epochs in dict.fromkeys([round(plan.epochs, 2), 3, 4, 5]):
-        steps = math.ceil(epochs * plan.steps_per_epoch)
+        now = epochs == round(plan.epochs, 2)
+        steps = plan.total_steps if now else math.ceil(epochs * plan.steps_per_epoch)
         secs = steps * plan.seconds_per_step if plan.seconds_per_step else None
-        table.add_row(f"{epochs:g}" + (" (now)" if epochs == round(plan.epochs, 2) else ""), f"{steps:,}", _duration(secs))
+        table.add_row(f"{epochs:g}" + (" (now)" if now else ""), f"{steps:,}", _duration(secs))
     console.print(table)
 
 

@@ -1,9 +1,18 @@
 """Command dispatch. Each command module exposes `main(argv) -> int`; a StepwiseError becomes one line."""
 
+import argparse
 import importlib
 import sys
 
 from trainer.errors import StepwiseError
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error instead of its usage block (every Stepwise command uses it)."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
 
 COMMANDS = {
     "train": ("trainer.train", "fine-tune a model and write checkpoints"),

@@ -335,7 +335,9 @@ def read_yaml(path: str) -> dict:
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser with `--config` and one flag per field; unset flags stay absent (argparse.SUPPRESS)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    from trainer.cli import ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML run config (defaults < YAML < flags)")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)

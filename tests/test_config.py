@@ -86,3 +86,39 @@ def test_world_size_enters_the_divisibility_check(monkeypatch):
     args = ["--total_batch_size", "1024", "--mini_batch_size", "4", "--context_length", "256"]
     with pytest.raises(StepwiseError, match="world size"):
         resolve(build_parser("x", "").parse_args(args))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--learning_rate", "nan"], "--learning_rate"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm"),
+    (["--weight_decay", "-0.1"], "--weight_decay"),
+    (["--min_lr_ratio", "2"], "--min_lr_ratio"),
+    (["--eval_max_new_tokens", "0"], "--eval_max_new_tokens"),
+    (["--val_fraction", "0"], "--val_fraction 0"),
+])
+def test_values_that_would_train_wrong_are_refused(argv, flag):
+    with pytest.raises(StepwiseError, match=flag):
+        parse_config(argv)
+
+
+def test_a_runs_saved_config_is_a_valid_config_file(tmp_path):
+    saved = tmp_path / "config.yaml"
+    saved.write_text(parse_config(["--learning_rate", "0.01"]).to_yaml())
+    again = parse_config(["--config", str(saved)])
+    assert again.optim.learning_rate == 0.01
+
+
+def test_resume_keeps_the_data_and_model_settings():
+    from trainer.config import resumed
+
+    saved = parse_config(["--seed", "7", "--max_steps", "100"])
+    longer = resumed(saved, {"max_steps": 300, "seed": 7})
+    assert longer.optim.max_steps == 300 and longer.optim.seed == 7 and longer.run.resume
+    with pytest.raises(StepwiseError, match="--seed: the run was trained with 7"):
+        resumed(saved, {"seed": 8})
+
+
+@pytest.mark.parametrize("argv", [["--max_steps", "abc"], ["--no_such_flag", "1"]])
+def test_argparse_mistakes_are_one_line(argv):
+    proc = run_trainer(["train", *argv], check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")

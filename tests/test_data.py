@@ -99,3 +99,17 @@ def test_split_is_deterministic_and_rounds_val_up():
     assert split_records(records, 0.05, seed=1) == (train, val)
     assert split_records(records, 0.05, seed=2)[1] != val
     assert not set(train) & set(val)
+
+
+def test_empty_file_folder_and_all_in_validation(tmp_path):
+    from trainer.data import load_train_val
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(StepwiseError, match="no records"):
+        load_records(str(empty))
+    with pytest.raises(StepwiseError, match="is a folder"):
+        load_records(str(tmp_path))
+    one = write_jsonl(tmp_path / "one.jsonl", ALPACA[:1])
+    with pytest.raises(StepwiseError, match="leaves none of the 1 record"):
+        load_train_val(str(one), None, 0.05, 0, False, 10)

@@ -198,3 +198,31 @@ def test_fine_tune_from_a_stepwise_checkpoint_on_a_file(tiny_run, tmp_path, shar
     assert start.keys() == tuned.keys() and any(not torch.equal(start[k], tuned[k]) for k in start)
     assert (tmp_path / "ft" / "final" / "chat_template.jinja").read_text() == \
         (tiny_run / "final" / "chat_template.jinja").read_text()
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--output_dir", "FILE", "is a file"),
+    ("--eval_prompts", "no/such.jsonl", "--eval_prompts no/such.jsonl: no such file"),
+    ("--pretrained_model", "/no/such/model", "--pretrained_model /no/such/model: no such folder"),
+])
+def test_path_mistakes_fail_fast_in_one_line(tmp_path, flag, value, needle):
+    if value == "FILE":
+        value = str(tmp_path / "a-file")
+        Path(value).write_text("x")
+    proc = run_trainer(["train", *FAST, flag, value], check=False)
+    assert proc.returncode == 2 and needle in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_resume_takes_the_runs_config_and_a_longer_max_steps(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "again"
+    shutil.copytree(tiny_run, run)
+    run_trainer(["train", "--output_dir", str(tmp_path), "--run_name", "again", "--resume", "--max_steps", "40",
+                 "--eval_prompts", "none"])
+    assert list_steps(run)[-1] == 40
+    metrics = json.loads((run / "training_metrics.json").read_text())
+    assert metrics["history"][-1]["step"] == 40 and metrics["stop_reason"] == "finished: reached 40 steps"
+    proc = run_trainer(["train", "--output_dir", str(tmp_path), "--run_name", "again", "--resume", "--seed", "1"],
+                       check=False)
+    assert proc.returncode == 2 and "--seed: the run was trained with 42" in proc.stderr

@@ -204,21 +204,29 @@ class RunInfo:
         return max([self.path.stat().st_mtime] + [c.path.stat().st_mtime for c in self.checkpoints])
 
 
+def _read_json_or_empty(path: Path) -> dict:
+    """A run's JSON files are for display here: a missing or damaged one shows as nothing known."""
+    try:
+        data = read_json(path)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_run(run_dir: Path) -> RunInfo:
     """A run folder's checkpoints (steps in order, then final) with val loss and best marks."""
-    metrics_path = run_dir / METRICS_FILE
-    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    metrics = _read_json_or_empty(run_dir / METRICS_FILE)
     best_step = (metrics.get("best") or {}).get("step")
     val_by_step = {h["step"]: h["val_loss"] for h in metrics.get("history", []) if h.get("val_loss") is not None}
     infos = []
     for step in list_steps(run_dir):
         folder = run_dir / step_dir_name(step)
-        state = read_json(folder / STATE_FILE) if (folder / STATE_FILE).is_file() else {}
+        state = _read_json_or_empty(folder / STATE_FILE)
         infos.append(CheckpointInfo(folder, run_dir.name, step, state.get("val_loss", val_by_step.get(step)),
                                     is_best=step == best_step, metrics=state.get("metrics", {})))
     final = run_dir / "final"
     if is_checkpoint(final):
-        state = read_json(final / STATE_FILE) if (final / STATE_FILE).is_file() else {}
+        state = _read_json_or_empty(final / STATE_FILE)
         infos.append(CheckpointInfo(final, run_dir.name, state.get("step"), state.get("val_loss"),
                                     is_final=True, metrics=state.get("metrics", {})))
     return RunInfo(run_dir, run_dir.name, infos, metrics)

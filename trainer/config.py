@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import inspect
+import math
+import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,10 +101,16 @@ class OptimConfig:
                 raise StepwiseError(f"--{name} must be positive, got {value}")
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise StepwiseError(f"--num_epochs must be positive, got {self.num_epochs}")
-        if self.learning_rate <= 0:
-            raise StepwiseError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise StepwiseError(f"--learning_rate must be a positive number, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise StepwiseError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise StepwiseError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise StepwiseError(f"--{name} must be >= 0, got {value}")
 
 
 @dataclass
@@ -132,8 +139,11 @@ class EvalConfig:
             raise StepwiseError(
                 f"--metric_for_best_model must be one of {', '.join(METRICS)}, got {self.metric_for_best_model!r}"
             )
-        if self.eval_freq <= 0:
-            raise StepwiseError(f"--eval_freq must be positive, got {self.eval_freq}")
+        for name in ("eval_freq", "eval_num_prompts", "eval_max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise StepwiseError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.eval_max_batches is not None and self.eval_max_batches <= 0:
+            raise StepwiseError(f"--eval_max_batches must be positive, got {self.eval_max_batches}")
         if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
             raise StepwiseError(f"--early_stopping_patience must be positive, got {self.early_stopping_patience}")
         if self.early_stopping_threshold < 0:
@@ -235,6 +245,9 @@ class Config:
             )
         if e.metric_for_best_model != "val_loss" and not e.eval_prompts:
             raise StepwiseError(f"--metric_for_best_model {e.metric_for_best_model} needs --eval_prompts FILE")
+        if wants_best and e.metric_for_best_model == "val_loss" and d.val_fraction == 0 and not d.val_dataset:
+            raise StepwiseError("--val_fraction 0 leaves no validation set to pick the best checkpoint by; "
+                                "give --val_dataset FILE or --load_best_model_at_end false")
 
     def to_dict(self) -> dict:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -325,6 +338,8 @@ def read_yaml(path: str) -> dict:
         flat[name] = _coerce(name, value, where)
 
     for key, value in raw.items():
+        if key == "config_name":  # written into every run's config.yaml, so that file can be reused
+            continue
         if isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 take(str(sub_key), sub_value, key)
@@ -361,15 +376,40 @@ def _field_doc(cls, name: str) -> str:
     return ""
 
 
-def resolve(args: argparse.Namespace) -> Config:
-    """defaults < YAML < flags, validated."""
+def explicit(args: argparse.Namespace) -> tuple[dict, str]:
+    """The values a user gave (YAML file, then flags) and the config's name; defaults not included."""
     values: dict = {}
     config_name = "default"
     if getattr(args, "config", None):
         values.update(read_yaml(args.config))
         config_name = Path(args.config).stem
     values.update({k: v for k, v in vars(args).items() if k != "config" and k in _fields()})
-    return from_flat(values, config_name)
+    return values, config_name
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    """defaults < YAML < flags, validated."""
+    return from_flat(*explicit(args))
+
+
+# A resumed run keeps what decides its data order and its model: changing any of these would make
+# the continuation a different run, not the same one picked up again.
+FIXED_ON_RESUME = ("pretrained_model", "dataset", "val_dataset", "val_fraction", "context_length", "demo_records",
+                   "seed", "mini_batch_size", "total_batch_size")
+
+
+def resumed(saved: Config, given: dict) -> Config:
+    """A run's saved config with the values given now on top (a longer --max_steps, say)."""
+    before = flatten(saved)
+    for name in FIXED_ON_RESUME:
+        if name in given and given[name] != before[name]:
+            raise StepwiseError(f"--{name}: the run was trained with {before[name]!r}; a resumed run keeps it "
+                                f"(start a new --run_name to change it)")
+    return from_flat({**before, **given, "resume": True}, saved.config_name)
+
+
+def flatten(cfg: Config) -> dict:
+    return {k: v for section in SECTIONS for k, v in dataclasses.asdict(getattr(cfg, section)).items()}
 
 
 def from_flat(values: dict, config_name: str = "default") -> Config:
@@ -384,10 +424,10 @@ def from_flat(values: dict, config_name: str = "default") -> Config:
 
 def load_saved(path: str | Path) -> Config:
     """The resolved config saved in a run folder (config.yaml), re-validated."""
-    raw = yaml.safe_load(Path(path).read_text())
-    name = raw.pop("config_name", "default")
-    flat = {k: v for section in raw.values() for k, v in section.items()}
-    return from_flat(flat, name)
+    raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    if not isinstance(raw, dict):
+        raise StepwiseError(f"{path}: missing or not a saved run config")
+    return from_flat(read_yaml(str(path)), raw.get("config_name", "default"))
 
 
 def parse_config(argv: list[str], prog: str = "python -m trainer train", description: str = "") -> Config:

@@ -112,6 +112,8 @@ def _scan_json(path: Path, report: LoadReport, strict: bool) -> tuple[list[dict]
         if not isinstance(data, list):
             raise StepwiseError(f"{path}: expected a JSON array of records or JSON Lines")
         numbered = list(enumerate(data, start=1))
+    if not numbered:
+        raise StepwiseError(f"{path}: no records (the file is empty)")
     for number, row in numbered:
         reason = "invalid JSON line" if not isinstance(row, dict) else _normalise(row)[1]
         if reason:
@@ -158,8 +160,10 @@ def load_records(source: str, strict: bool = False) -> tuple[list[dict], LoadRep
     path = Path(source)
     if path.suffix and not path.exists() and ("/" in source or path.suffix.lower() in FORMATS):
         raise StepwiseError(f"{source}: no such file")
+    if path.is_dir():
+        raise StepwiseError(f"{source}: is a folder; give a .json, .jsonl, .parquet or .csv file")
     if path.exists():
-        if path.is_dir() or path.suffix.lower() not in FORMATS:
+        if path.suffix.lower() not in FORMATS:
             raise StepwiseError(f"{source}: unknown format (use .json, .jsonl, .parquet or .csv)")
     scanned = _scan_json(path, report, strict) if path.suffix.lower() in (".json", ".jsonl") else None
     if scanned is not None:
@@ -212,4 +216,7 @@ def load_train_val(dataset: str, val_dataset: str | None, val_fraction: float, s
         val, report = load_records(val_dataset, strict)
         return records, val, reports + [report]
     train, val = split_records(records, val_fraction, seed)
+    if not train:
+        raise StepwiseError(f"--val_fraction {val_fraction} leaves none of the {len(records)} record(s) of {dataset} "
+                            "for training")
     return train, val, reports

@@ -25,13 +25,14 @@ from pathlib import Path
 
 from trainer.checkpoint import (STEP_RE, WEIGHT_FILES, CheckpointInfo, is_checkpoint, newest_run, read_json,
                                 read_run, write_json_atomic)
+from trainer.cli import ArgumentParser
 from trainer.errors import StepwiseError
-from trainer.generate import (GenerationSettings, check_model_folder, default_device, generate_batch, is_hub_id,
+from trainer.generate import (GenerationSettings, check_device, check_model_folder, generate_batch, is_hub_id,
                               load_model)
+from trainer.scoring import IF_METRICS, SUMMARY_METRICS
 
 DEFAULT_PROMPTS = "eval_prompts/demo_ifeval.jsonl"
 CACHE_VERSION = 1  # bump when the result file's content or the scoring changes meaning
-IF_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose")
 
 
 # --- the library function the trainer calls ------------------------------------------------------
@@ -199,7 +200,7 @@ def results_table(entries: list[dict], title: str):
         s = e["summary"]
         table.add_row(e["run"] or "-", e["checkpoint"], "-" if e["step"] is None else str(e["step"]),
                       "-" if e["val_loss"] is None else f"{e['val_loss']:.4f}",
-                      *[_pct(s.get(m)) for m in IF_METRICS], _pct(s.get("rougeL")),
+                      *[_pct(s.get(m)) for m in SUMMARY_METRICS],
                       "-" if s.get("mean_length") is None else f"{s['mean_length']:.1f}", _pct(s.get("eos_rate")),
                       "cached" if e["cached"] else "new")
     return table
@@ -255,7 +256,7 @@ def plot_run(run_dir: Path, entries: list[dict], prompts_name: str) -> Path | No
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     defaults = GenerationSettings()
-    parser = argparse.ArgumentParser(prog="python -m trainer eval", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m trainer eval", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="*", metavar="CKPT",
                         help="step folder, final/, run folder or Hugging Face folder (default: the newest run)")
     parser.add_argument("--prompts", default=DEFAULT_PROMPTS, help=f"held-out prompt file (default {DEFAULT_PROMPTS})")
@@ -286,13 +287,13 @@ def main(argv: list[str]) -> int:
         raise StepwiseError(f"--limit must be positive, got {args.limit}")
     if args.batch_size <= 0:
         raise StepwiseError(f"--batch_size must be positive, got {args.batch_size}")
+    device = check_device(args.device)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     prompts_path = Path(args.prompts)
     prompts = load_prompts(prompts_path)[: args.limit]
     prompts_sha = file_sha256(prompts_path)
     targets = expand(args.checkpoints, args.root)
-    device = args.device or default_device()
 
     # Piped output (tests, logs, `| tee`) gets a table wide enough for its twelve columns.
     out = Console() if sys.stdout.isatty() else Console(width=150)

@@ -122,6 +122,29 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(name: str | None, flag: str = "--device") -> str:
+    """The device to run on (default_device() for None), or a StepwiseError naming flag when torch
+    does not know the name or this machine does not have that device."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):  # torch: "Expected one of cpu, cuda, ... device type at start of ..."
+        raise StepwiseError(f"{flag} {name}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise StepwiseError(f"{flag} {name}: no CUDA device on this machine (use --device cpu)")
+        if device.index is not None and device.index >= count:
+            raise StepwiseError(f"{flag} {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise StepwiseError(f"{flag} {name}: no MPS device on this machine (use --device cpu)")
+    elif device.type != "cpu":
+        raise StepwiseError(f"{flag} {name}: not supported here (cpu, cuda, cuda:N or mps)")
+    return name
+
+
 def is_hub_id(name: str) -> bool:
     """"org/name" is a hub id unless it exists or "org" is a local folder (then a mistyped
     checkpoint path fails at once, not after the hub client's retries)."""

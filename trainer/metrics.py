@@ -10,6 +10,7 @@ from pathlib import Path
 
 from trainer.checkpoint import METRICS_FILE, write_json_atomic
 from trainer.config import METRICS
+from trainer.errors import StepwiseError
 
 IMPROVING, PLATEAU, OVERFITTING = "improving", "plateau", "overfitting"
 
@@ -120,7 +121,11 @@ class MetricsLog:
     def load(cls, path: Path) -> "MetricsLog":
         import json
 
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text())
+            EarlyStopping(**raw["early_stopping"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise StepwiseError(f"{path}: damaged metrics file ({type(err).__name__}: {err})") from None
         return cls(path=path, history=raw["history"], best=raw.get("best") or {},
                    early_stopping=EarlyStopping(**raw["early_stopping"]), trend=raw.get("trend"),
                    stop_reason=None, recommendation=None, data=raw.get("data") or {})

@@ -75,6 +75,9 @@ def load_pretrained_tokenizer(name: str):
 def load_pretrained(name: str):
     """Tokenizer and model from a Hugging Face folder, a hub id or a Stepwise checkpoint."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # its weight-loading bar would land in the training log
 
     tokenizer = load_pretrained_tokenizer(name)
     model = _from_pretrained(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32), name)

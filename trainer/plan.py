@@ -73,22 +73,25 @@ def _speed_fields(cfg: Config) -> dict:
 
 def measure_speed(cfg: Config, steps: int = 3) -> tuple[float, str]:
     """Seconds per optimizer step, timed for real after one warm-up step (model built, data loaded)."""
+    from trainer.batching import micro_batches
+    from trainer.progress import Reporter
     from trainer.train import setup, train_step
 
     with tempfile.TemporaryDirectory() as tmp:
         timing_cfg = replace(cfg, run=replace(cfg.run, output_dir=tmp, run_name="timing", resume=False,
                                               use_tensorboard=False, progress=False))
-        run = setup(timing_cfg)
-        run.reporter.enabled = False
-        from trainer.batching import micro_batches
-
+        run = setup(timing_cfg, reporter=Reporter(enabled=False))
         lengths = [len(e["input_ids"]) for e in run.train]
         batches = micro_batches(lengths, cfg.optim.mini_batch_size, cfg.optim.seed, 0)
         g = run.micro_per_step
-        train_step(run, batches[:g])  # warm-up: allocator, kernels, lazy init
+
+        def step_batches(i: int) -> list:  # wraps around a data set smaller than the timing needs
+            return [batches[(i * g + j) % len(batches)] for j in range(g)]
+
+        train_step(run, step_batches(0))  # warm-up: allocator, kernels, lazy init
         start = time.perf_counter()
         for i in range(1, steps + 1):
-            train_step(run, batches[i * g:(i + 1) * g])
+            train_step(run, step_batches(i))
         return (time.perf_counter() - start) / steps, f"measured now over {steps} training steps"
 
 
@@ -146,6 +149,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     timing_steps = args.timing_steps
     del args.timing_steps
+    if timing_steps < 0:
+        parser.error(f"--timing_steps must be >= 0, got {timing_steps}")
     cfg = resolve(args)
     render(make_plan(cfg, timing_steps), Console(highlight=False, soft_wrap=True))
     return 0

@@ -47,6 +47,23 @@ def _optional_str(row: dict[str, Any], name: str, where: str) -> str | None:
     return value or None
 
 
+def check_instruction(instruction_id: str, kwargs: dict[str, Any], prompt: str, where: str) -> None:
+    """A StepwiseError starting with `where` unless IFEval knows the instruction id, every kwarg its
+    checker needs is given (not None), and the checker accepts them: checked before any scoring."""
+    if instruction_id not in scoring.instruction_registry():
+        raise StepwiseError(f"{where}: unknown instruction id {instruction_id!r} (not in IFEval's registry)")
+    given = {k for k, v in kwargs.items() if v is not None}
+    missing = [k for k in scoring.required_kwargs(instruction_id) if k not in given]
+    if missing:
+        # Without them the checker would silently check against values it makes up.
+        raise StepwiseError(f"{where}: {instruction_id} needs kwargs {', '.join(missing)}")
+    try:
+        scoring.build_checker(instruction_id, kwargs, prompt)
+    except Exception as err:  # the checkers raise TypeError, ValueError, KeyError, ... for bad kwargs
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise StepwiseError(f"{where}: {instruction_id} rejects kwargs {_short(kwargs)}: {reason}") from None
+
+
 def _instructions(row: dict[str, Any], where: str) -> tuple[list[str], list[dict[str, Any]]]:
     ids = row.get("instruction_id_list")
     if ids is None:
@@ -62,20 +79,8 @@ def _instructions(row: dict[str, Any], where: str) -> tuple[list[str], list[dict
         raise StepwiseError(
             f"{where}: `kwargs` has {len(kwargs)} entries for {len(ids)} instruction ids (one each, in order)"
         )
-    registry = scoring.instruction_registry()
     for instruction_id, kw in zip(ids, kwargs):
-        if instruction_id not in registry:
-            raise StepwiseError(f"{where}: unknown instruction id {instruction_id!r} (not in IFEval's registry)")
-        given = {k for k, v in kw.items() if v is not None}
-        missing = [k for k in scoring.required_kwargs(instruction_id) if k not in given]
-        if missing:
-            # Without them the checker would silently check against values it makes up.
-            raise StepwiseError(f"{where}: {instruction_id} needs kwargs {', '.join(missing)}")
-        try:
-            scoring.build_checker(instruction_id, kw, row["prompt"])
-        except Exception as err:  # the checkers raise TypeError, ValueError, KeyError, ... for bad kwargs
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise StepwiseError(f"{where}: {instruction_id} rejects kwargs {_short(kw)}: {reason}") from None
+        check_instruction(instruction_id, kw, row["prompt"], where)
     return ids, kwargs
 
 

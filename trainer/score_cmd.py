@@ -17,25 +17,27 @@ from rich.console import Console
 from rich.table import Table
 
 from trainer import scoring
+from trainer.cli import ArgumentParser
 from trainer.errors import StepwiseError
 from trainer.prompts import HeldoutPrompt, load_prompts, read_jsonl
 
-# Fractions shown as percentages; the rest as plain numbers.
-METRICS = [
-    ("if_prompt_strict", "IFEval prompt-level strict", "pct"),
-    ("if_prompt_loose", "IFEval prompt-level loose", "pct"),
-    ("if_inst_strict", "IFEval instruction-level strict", "pct"),
-    ("if_inst_loose", "IFEval instruction-level loose", "pct"),
-    ("rougeL", "ROUGE-L F (vs reference)", "pct"),
-    ("mean_length", "mean length (words)", "num"),
-    ("distinct_2", "distinct bigrams", "pct"),
-    ("eos_rate", "finished (EOS) rate", "pct"),
-    ("n", "prompts", "int"),
-]
+# How the table shows each summarize() value: its label, and whether it is a fraction (shown in percent).
+LABELS = {
+    "if_prompt_strict": ("IFEval prompt-level strict", "pct"),
+    "if_prompt_loose": ("IFEval prompt-level loose", "pct"),
+    "if_inst_strict": ("IFEval instruction-level strict", "pct"),
+    "if_inst_loose": ("IFEval instruction-level loose", "pct"),
+    "rougeL": ("ROUGE-L F (vs reference)", "pct"),
+    "mean_length": ("mean length (words)", "num"),
+    "distinct_2": ("distinct bigrams", "pct"),
+    "eos_rate": ("finished (EOS) rate", "pct"),
+    "n": ("prompts", "int"),
+}
+METRICS = [(name, *LABELS[name]) for name in (*scoring.SUMMARY_METRICS, "mean_length", "distinct_2", "eos_rate", "n")]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer score", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m trainer score", description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", required=True, type=Path, help="held-out prompt file (JSON Lines)")
     parser.add_argument("--responses", required=True, type=Path,
                         help='responses, one {"prompt": ..., "response": ...} object per line')
@@ -75,6 +77,24 @@ def match(prompts: list[HeldoutPrompt], responses: dict[str, str], prompts_path:
     return matched
 
 
+def check_output(path: Path) -> None:
+    """A StepwiseError naming --output unless a file can be written at path: not a folder, and its
+    parent a folder, or creatable (the nearest existing ancestor a writable folder). Nothing is created."""
+    if path.is_dir():
+        raise StepwiseError(f"--output {path}: is a directory, expected a JSON file path")
+    parent = path.parent
+    while not parent.exists():
+        if parent.is_symlink():  # a dangling link: mkdir would fail on it
+            raise StepwiseError(f"--output {path}: {parent} is a broken symbolic link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StepwiseError(f"--output {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StepwiseError(f"--output {path}: cannot write in {parent} (permission denied)")
+
+
+# Kept apart from trainer.checkpoint.write_json_atomic: this one is safe with two writers at once (a
+# unique mkstemp name), removes its temp file when writing fails, and gives the file the mode open() would.
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Temp file in the same folder, then os.replace: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,8 +133,8 @@ def metrics_table(summary: dict[str, Any], title: str) -> Table:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if args.output is not None and args.output.is_dir():
-        raise StepwiseError(f"{args.output}: is a directory, expected a JSON file path for --output")
+    if args.output is not None:
+        check_output(args.output)  # before scoring: a bad path must not cost a whole scoring run
     prompts = load_prompts(args.prompts)
     responses = load_responses(args.responses)
     matched = match(prompts, responses, args.prompts, args.responses)

@@ -49,6 +49,12 @@ if TYPE_CHECKING:
 # IFEval counts words as runs of \w (instructions_util.count_words); `length` uses the same rule so
 # that it agrees with length_constraints:number_words.
 _WORD = re.compile(r"\w+")
+
+# The summary metrics every report shows, in this order (design.md section 4); summarize() also gives
+# n, mean_length, distinct_2 and eos_rate.
+SUMMARY_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose", "rougeL")
+IF_METRICS = SUMMARY_METRICS[:4]  # IFEval's four: prompt- and instruction-level, strict and loose
+
 # Seed for every checker build. random.seed(3) makes the letter check's draw "p" (see the docstring):
 # the draw that reproduces IFEval's published GPT-4 figures. Changing it changes IFEval scores.
 _BUILD_SEED = 3

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
 from trainer.batching import collate, micro_batches, padding_efficiency, steps_per_epoch, tokenize
-from trainer.config import METRICS, Config, parse_config
+from trainer.config import METRICS, Config, build_parser, explicit, from_flat, load_saved, resumed
 from trainer.data import load_train_val
 from trainer.errors import StepwiseError
 from trainer.metrics import MetricsLog, classify_trend, metrics_path, recommend
@@ -65,7 +65,12 @@ class Run:
 
 
 def main(argv: list[str]) -> int:
-    cfg = parse_config(argv, description="Fine-tune a causal LM on instruction data, checkpointing every N steps.")
+    parser = build_parser("python -m trainer train", "Fine-tune a causal LM on instruction data, checkpointing every N steps.")
+    given, name = explicit(parser.parse_args(argv))
+    cfg = from_flat(given, name)
+    if cfg.run.resume and (resolve_run_dir(cfg) / "config.yaml").is_file():
+        # --resume continues the run as it was configured; only what is given now changes.
+        cfg = resumed(load_saved(resolve_run_dir(cfg) / "config.yaml"), given)
     run = setup(cfg)
     try:
         fit(run)
@@ -147,9 +152,22 @@ def load_tokenizer_and_model(cfg: Config, train_records: list[dict], resume_from
     return tokenizer, model
 
 
-def setup(cfg: Config) -> Run:
+def check_paths(cfg: Config) -> None:
+    """Mistakes in paths, found before minutes of data loading rather than after."""
+    out = Path(cfg.run.output_dir)
+    if out.exists() and not out.is_dir():
+        raise StepwiseError(f"--output_dir {out}: is a file, not a folder")
+    if cfg.eval.eval_prompts and not Path(cfg.eval.eval_prompts).is_file():
+        raise StepwiseError(f"--eval_prompts {cfg.eval.eval_prompts}: no such file")
+    model = cfg.model.pretrained_model
+    if model != "demo" and model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        raise StepwiseError(f"--pretrained_model {model}: no such folder")
+
+
+def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
+    check_paths(cfg)
     rank, world, device = init_distributed()
-    reporter = Reporter(enabled=rank == 0, progress=cfg.run.progress)
+    reporter = reporter or Reporter(enabled=rank == 0, progress=cfg.run.progress)
     run_dir = resolve_run_dir(cfg)
     resume_from = None
     if cfg.run.resume:
@@ -164,7 +182,6 @@ def setup(cfg: Config) -> Run:
     torch.manual_seed(cfg.optim.seed)
     train_records, val_records = load_data(cfg, reporter)
     tokenizer, model = load_tokenizer_and_model(cfg, train_records, resume_from)
-    check_template(tokenizer)
     model.to(device)
 
     train, train_stats = tokenize(tokenizer, train_records, cfg.data.context_length)
@@ -201,7 +218,7 @@ def setup(cfg: Config) -> Run:
         state = ckpt.load_training_state(resume_from, optimizer, scheduler)
         start = state["step"]
         if log.path.is_file():
-            old = MetricsLog.load(log.path)
+            old = MetricsLog.load(log.path)  # a damaged file is a one-line error naming it
             log.history, log.data = old.history, old.data
             log.truncate(start)
         log.best = state.get("best") or {}
@@ -261,7 +278,8 @@ def accumulate(run: Run, batches: list[list[int]]) -> tuple[float, int]:
     local = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
     # The denominator spans every micro-batch on every process (a sync point under DDP).
     (n_tokens,) = all_sum(run, local)
-    loss_sum = 0.0
+    n_items = torch.tensor(n_tokens, device=run.device)
+    loss_total = torch.zeros((), device=run.device)
     run.model.train()
     for i, m in enumerate(micro):
         m = {k: v.to(run.device, non_blocking=True) for k, v in m.items()}
@@ -269,11 +287,11 @@ def accumulate(run: Run, batches: list[list[int]]) -> tuple[float, int]:
         sync = nullcontext() if last or run.world == 1 else run.model.no_sync()
         with sync, autocast(run):
             # num_items_in_batch makes the model's loss a sum over tokens / n_tokens (not a per-batch mean).
-            out = run.model(**m, num_items_in_batch=torch.tensor(n_tokens, device=run.device))
+            out = run.model(**m, num_items_in_batch=n_items)
             # DDP averages gradients over processes; the loss is already global, so undo the average.
             (out.loss * run.world).backward()
-        loss_sum += out.loss.detach().float().item() * n_tokens
-    (loss_sum,) = all_sum(run, loss_sum)
+        loss_total += out.loss.detach().float()
+    (loss_sum,) = all_sum(run, loss_total.item() * n_tokens)  # the step's one host sync for the loss
     return loss_sum, int(n_tokens)
 
 

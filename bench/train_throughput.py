@@ -1,11 +1,15 @@
-"""Training throughput: Stepwise's loop against Hugging Face Trainer, same model, data and machine.
+"""Training throughput: Stepwise's training step against Hugging Face Trainer, same model, data, machine.
 
-Both start from the same tiny Llama weights and the same tokenized examples (prompt tokens masked),
-run a few warm-up steps, then time the same number of optimizer steps. Hugging Face Trainer runs with
-its defaults (random batches, dynamic padding through DataCollatorForSeq2Seq). Printed: non-padding
-and supervised tokens/s of each, the ratio, and MFU against a matmul peak measured in this run.
+Both start from the same tiny Llama weights and the same tokenized examples (prompt tokens masked) and
+each trains one epoch, cut into alternating rounds with a few warm-up steps before each. Stepwise is
+timed on its optimizer steps (train_step: length-grouped batches, forward, backward, clip, AdamW);
+Hugging Face Trainer runs with its defaults (random batches, dynamic padding through
+DataCollatorForSeq2Seq), timed between its step-end callbacks. No logging, evaluation or checkpoint
+is timed on either side. Printed: non-padding and supervised tokens/s of each, the ratio, and MFU
+against a matmul peak measured in this run.
 
-    .venv/bin/python bench/train_throughput.py [--dataset FILE] [--steps 20] [--mini_batch_size 8]
+    .venv/bin/python bench/train_throughput.py [--dataset FILE] [--context_length 512] [--mini_batch_size 8]
+                                              [--rounds 2] [--warmup 3]
 """
 
 from __future__ import annotations

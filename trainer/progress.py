@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from trainer.config import METRICS
+
 
 class Reporter:
     def __init__(self, enabled: bool = True, progress: bool = True):
@@ -84,9 +86,7 @@ class Reporter:
         self._scalars(entry["step"], {"val/loss": entry.get("val_loss"), "val/ppl": entry.get("val_ppl")})
 
     def checkpoint(self, path: Path, entry: dict, removed: list[Path]) -> None:
-        scores = "  ".join(f"{k} {entry[k]:.3f}" for k in
-                           ("if_prompt_strict", "if_inst_strict", "if_prompt_loose", "if_inst_loose", "rougeL")
-                           if entry.get(k) is not None)
+        scores = "  ".join(f"{k} {entry[k]:.3f}" for k in METRICS if k != "val_loss" and entry.get(k) is not None)
         self.info(f"checkpoint {path}" + (f"  {scores}" if scores else ""))
         for old in removed:
             self.info(f"removed {old} (--save_total_limit)")

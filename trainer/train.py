@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from trainer import checkpoint as ckpt
 from trainer.batching import collate, micro_batches, padding_efficiency, steps_per_epoch, tokenize
@@ -103,18 +104,6 @@ def resolve_run_dir(cfg: Config) -> Path:
     if cfg.run.resume:
         return ckpt.newest_run(out).path
     return out / f"{cfg.config_name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def lr_lambda(total_steps: int, warmup_ratio: float, min_ratio: float):
-    warmup = math.ceil(total_steps * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -206,8 +195,9 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(raw_model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio))
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=math.ceil(total * cfg.optim.warmup_ratio), num_training_steps=total,
+        min_lr_rate=cfg.optim.min_lr_ratio)
 
     log = MetricsLog(metrics_path(run_dir))
     log.early_stopping.metric = cfg.eval.metric_for_best_model

@@ -11,7 +11,6 @@ decoding steps. With --checkpoint a trained model is used, and answers stop wher
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from trainer.cli import ArgumentParser  # noqa: E402
 from trainer.evaluate import heldout_samples  # noqa: E402
 from trainer.generate import (GenerationSettings, _answer, _fit, _position_limit, generate_batch,  # noqa: E402
                               load_model, prompt_ids, stop_ids)
@@ -64,7 +64,7 @@ def batched(model, tokenizer, conversations, settings, batch_size) -> tuple[list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="bench/generation.py", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a checkpoint folder instead of the untrained demo model")
     parser.add_argument("--prompts", type=int, default=64, help="prompts from eval_prompts/demo_ifeval.jsonl (>= 32)")
     parser.add_argument("--max_new_tokens", type=int, default=64)

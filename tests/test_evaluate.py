@@ -199,6 +199,28 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tree, capsys, case, exp
     assert files_under(tree["base"]) == before
 
 
+@pytest.mark.parametrize("device, expect", [
+    ("bogus", "--device bogus: not a device"),
+    ("cuda", "--device cuda: no CUDA device on this machine"),
+    ("cuda:99", "--device cuda:99: "),
+])
+def test_unusable_device_is_one_line_before_anything_is_written(tree, device, expect):
+    """A device torch does not know, or one this machine lacks, stops before the contamination check
+    (which writes <run>/eval/contamination-*.json) and before any model loads."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run = tree["base"] / f"device-{device.replace(':', '-')}" / "demo-run"
+    if not run.exists():  # a run of its own: no cached contamination file to hide a write
+        shutil.copytree(tree["run"], run, ignore=shutil.ignore_patterns("eval"))
+    before = files_under(run.parent)
+    proc = run_eval([str(run), "--prompts", str(tree["prompts"]), "--device", device])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expect}"), proc.stderr
+    assert proc.stdout == ""
+    assert files_under(run.parent) == before and not (run / "eval").exists()
+
+
 def test_a_run_with_a_broken_checkpoint_fails_before_generating(tree, capsys):
     run = tree["base"] / "checkpoints-broken" / "r"
     shutil.copytree(tree["run"] / "step-000010", run / "step-000010")

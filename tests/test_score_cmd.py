@@ -118,3 +118,31 @@ def test_bad_prompt_file_writes_nothing(files):
     prompts, responses, output = files
     jsonl(prompts, [PROMPTS[0], "not json"])
     assert call(prompts, responses, output).startswith(f"{prompts}:2: invalid JSON")
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "deeper_under_a_file", "a_directory"])
+def test_unwritable_output_is_one_line_before_scoring(files, where):
+    """--output whose folder cannot be made (a file on the way) or that is a folder: one line naming
+    --output, exit 2, and nothing written, checked before the responses are even read."""
+    prompts, responses, _ = files
+    blocker = prompts.parent / "taken.jsonl"
+    blocker.write_text("not a folder\n")
+    output = {"under_a_file": blocker / "x.json", "deeper_under_a_file": blocker / "a" / "x.json",
+              "a_directory": prompts.parent}[where]
+    responses.unlink()  # scoring would fail on it: the output check must come first
+    before = sorted(p.name for p in prompts.parent.rglob("*"))
+    proc = run_cli("--prompts", str(prompts), "--responses", str(responses), "--output", str(output))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --output {output}: "), proc.stderr
+    assert ("is a directory" if where == "a_directory" else f"{blocker} is not a directory") in lines[0]
+    assert proc.stdout == ""
+    assert sorted(p.name for p in prompts.parent.rglob("*")) == before
+
+
+def test_output_folder_is_made_only_when_scoring_succeeded(files):
+    prompts, responses, _ = files
+    output = prompts.parent / "new" / "deeper" / "s.json"
+    proc = run_cli("--prompts", str(prompts), "--responses", str(responses), "--output", str(output))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(output.read_text())["summary"]["n"] == 3

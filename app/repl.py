@@ -33,7 +33,6 @@ inside the REPL they are one line and the REPL goes on.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -46,32 +45,24 @@ from pathlib import Path
 
 from prompt_toolkit.completion import Completer, Completion
 
+from app.catalog import fmt, spread
 from app.chatio import ChatIO, PanelView, PlainChatIO, RichChatIO
 from app.session import CompareSession, ModelCache
 from trainer import scoring
 from trainer.checkpoint import is_checkpoint, list_runs, newest_run, read_run
+from trainer.cli import ArgumentParser
 from trainer.errors import StepwiseError
 from trainer.generate import GenerationSettings, generate_batch
-from trainer.prompts import HeldoutPrompt, load_prompts
+from trainer.prompts import HeldoutPrompt, check_instruction, load_prompts
 
 DEFAULT_PROMPTS = "eval_prompts/demo_ifeval.jsonl"  # from the working folder, else from the repository
 MAX_PANELS = 4
 PROMPT = "you> "
-METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose", "rougeL", "mean_length",
-           "distinct_2", "eos_rate")
+METRICS = (*scoring.SUMMARY_METRICS, "mean_length", "distinct_2", "eos_rate")
 SPOT_HEADER = ("checkpoint", "step", "val_loss", "n", *METRICS, "path")
 
 
 # --- which checkpoints ---------------------------------------------------------------------------
-
-def spread(items: list, k: int) -> list:
-    """k items evenly spaced from first to last."""
-    if len(items) <= k:
-        return list(items)
-    if k <= 1:
-        return items[-1:] if k == 1 else []
-    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
-
 
 def run_selection(run, limit: int = MAX_PANELS) -> list[Path]:
     final = [c for c in run.checkpoints if c.is_final]
@@ -116,14 +107,6 @@ def checkpoint_title(path: Path) -> str:
 
 
 # --- formatting ----------------------------------------------------------------------------------
-
-def fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "nan"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
 
 def marks(flags: list[bool]) -> str:
     return "".join("✓" if f else "✗" for f in flags)
@@ -384,14 +367,7 @@ class Repl:
                 raise StepwiseError(f"/score: {w!r} is not an IFEval instruction id (or key=value after one)")
         p = HeldoutPrompt("typed", self.last_prompt or "", ids, kwargs)
         for i, kw in zip(ids, kwargs):
-            missing = [k for k in scoring.required_kwargs(i) if k not in kw]
-            if missing:
-                raise StepwiseError(f"/score: {i} needs {', '.join(f'{k}=...' for k in missing)}")
-            try:
-                scoring.build_checker(i, kw, p.prompt)
-            except Exception as err:  # the checkers raise many types for bad kwargs
-                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                raise StepwiseError(f"/score: {i} rejects {kw}: {reason}") from None
+            check_instruction(i, kw, p.prompt, "/score")
         return p
 
     def cmd_score(self, arg: str) -> None:
@@ -491,14 +467,8 @@ def spot_check(paths: list[Path], cache, settings: GenerationSettings, prompts_p
 
 # --- entry ---------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv):
-    ap = _Parser(prog="python -m app.repl", description="Compare checkpoints side by side in the terminal.")
+    ap = ArgumentParser(prog="python -m app.repl", description="Compare checkpoints side by side in the terminal.")
     ap.add_argument("ckpts", nargs="*", metavar="CKPT", help="checkpoint or run folders (default: newest run)")
     ap.add_argument("--root", default="checkpoints", help="where runs live (default: checkpoints)")
     ap.add_argument("--prompt", help="answer this once in every panel and exit")

@@ -10,6 +10,8 @@ otherwise; a public share link only with --share.
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from pathlib import Path
 
@@ -17,12 +19,15 @@ import gradio as gr
 
 from app.session import CompareSession, ModelCache
 from app.votes import VoteStore
+from app.catalog import keep_choice
 from app.web_common import CSS, MAX_SIDES, WebConfig, checkpoint_choices, default_picks, inside_root, run_choices
 from app.web_compare import CompareTab, check_prompt, settings_from
 from app.web_eval import build_eval_tab
 from app.web_timeline import build_timeline_tab
 from app.web_training import build_training_tab
+from trainer.cli import ArgumentParser
 from trainer.errors import StepwiseError
+from trainer.prompts import load_prompts
 
 INTRO = ("**Stepwise**: is step 1500 better than step 1000? Pick a checkpoint per column, send a prompt "
          "(or draw a held-out one), and vote. Root: `{root}`")
@@ -58,7 +63,7 @@ def build_app(cfg: WebConfig) -> gr.Blocks:
             out[evaluation.picks] = gr.Dropdown(choices=choices)
             names = run_choices(cfg.root)
             for dd, v in zip(run_dropdowns, run_values):
-                out[dd] = gr.Dropdown(choices=names, value=v if v in names else (names[0] if names else None))
+                out[dd] = gr.Dropdown(choices=names, value=keep_choice(names, v))
             out[compare.ratings] = compare.ratings_value()
             out[catalogue] = (f"{len(choices)} checkpoint(s) in {len(names)} run(s)." if choices else
                               "No checkpoints under the root yet: run `make train`, then press Refresh.")
@@ -107,11 +112,22 @@ def build_app(cfg: WebConfig) -> gr.Blocks:
     return demo
 
 
+def port_number(text: str) -> int:
+    """--port's type: a TCP port, 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {port}")
+    return port
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m app.web", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m app.web", description=__doc__.splitlines()[0])
     p.add_argument("--root", default="checkpoints", help="folder of runs (default: checkpoints)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=port_number, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--prompts", action="append", default=None, metavar="FILE",
                    help="held-out prompt file for the random-prompt button and the Eval tab (repeatable; "
@@ -124,18 +140,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_address(host: str, port: int) -> None:
+    """A StepwiseError naming --host or --port unless a server can listen there now, checked before the
+    page is built (gradio's own check comes after, as a 14-line OSError)."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise StepwiseError(f"--host {host}: not an address to serve on ({err.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise StepwiseError(f"--port {port}: already in use on {host} (pick another port)") from None
+            if err.errno == errno.EACCES:
+                raise StepwiseError(f"--port {port}: not allowed on {host} (ports below 1024 need root)") from None
+            if err.errno == errno.EADDRNOTAVAIL:
+                raise StepwiseError(f"--host {host}: not an address of this machine") from None
+            raise StepwiseError(f"--host {host} --port {port}: cannot listen there ({err.strerror})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(args.root)
     try:
         if not root.is_dir():
             raise StepwiseError(f"--root {args.root}: no such folder (run `make train` first)")
-        prompt_files = [Path(f) for f in args.prompts or []]
-        for f in prompt_files:
-            if not f.is_file():
-                raise StepwiseError(f"--prompts {f}: no such file")
         if args.max_new_tokens < 1 or args.max_prompt_chars < 1 or args.concurrency < 1 or args.cache_gb <= 0:
             raise StepwiseError("--max_new_tokens, --max_prompt_chars, --concurrency and --cache_gb must be positive")
+        prompt_files = [Path(f) for f in args.prompts or []]
+        for f in prompt_files:
+            try:
+                load_prompts(f)  # a bad line fails now, not when a browser draws a prompt from it
+            except StepwiseError as err:
+                raise StepwiseError(f"--prompts {err}") from None
+        check_address(args.host, args.port)
         cfg = WebConfig(root=root, prompt_files=prompt_files, max_new_tokens=args.max_new_tokens,
                         max_prompt_chars=args.max_prompt_chars, cache_bytes=int(args.cache_gb * (1 << 30)),
                         concurrency=args.concurrency)
@@ -143,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     demo = build_app(cfg)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True,
-                run_history=False, footer_links=["api"], enable_monitoring=False, quiet=False)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True,
+                    run_history=False, footer_links=["api"], enable_monitoring=False, quiet=False)
+    except OSError as err:  # taken between the check and the launch
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        print(f"error: --host {args.host} --port {args.port}: cannot serve there ({first})", file=sys.stderr)
+        return 2
     return 0
 
 

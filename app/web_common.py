@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.catalog import fmt as catalog_fmt
+from app.catalog import keep_choice, spread
 from trainer.checkpoint import CheckpointInfo, RunInfo, is_checkpoint, list_runs
 from trainer.errors import StepwiseError
 
@@ -103,9 +105,13 @@ def default_picks(choices: list[tuple[str, str]], n: int) -> list[str | None]:
     if not values:
         return [None] * n
     run = values[0].split("/")[0]
-    same = [v for v in values if v.split("/")[0] == run and not v.endswith("/final")] or values
-    spread = [same[round(i * (len(same) - 1) / max(n - 1, 1))] for i in range(n)]
-    return [spread[0], spread[-1], *spread[1:-1]][:n] if n >= 2 else spread
+    in_run = [v for v in values if v.split("/")[0] == run]
+    same = [v for v in in_run if not v.endswith("/final")] or values
+    picks = spread(same, n)
+    picks = [picks[0], picks[-1], *picks[1:-1]] if len(picks) >= 2 else picks
+    # Fewer step checkpoints than columns: then final/, then empty columns (never the same one twice).
+    picks += [v for v in in_run if v not in picks]
+    return (picks + [None] * n)[:n]
 
 
 def run_choices(root: Path) -> list[str]:
@@ -131,11 +137,16 @@ def esc(text) -> str:
 
 
 def fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+    """catalog.fmt as the page shows numbers: 3 decimals, `-` for a missing value."""
+    return catalog_fmt(value, digits, missing="-")
+
+
+def refresh_runs(root: Path, current):
+    """A run dropdown with the runs under root now, keeping `current` while it still exists."""
+    import gradio as gr  # only the page's handlers need it; the guard and catalogue stay importable without
+
+    names = run_choices(root)
+    return gr.Dropdown(choices=names, value=keep_choice(names, current))
 
 
 def constraints_html(instruction_ids: list[str], kwargs: list[dict] | None, reference: str | None) -> str:

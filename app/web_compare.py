@@ -70,24 +70,33 @@ def check_prompt(cfg: WebConfig, prompt) -> str:
     return prompt
 
 
+def set_pick(cfg: WebConfig, browser: Browser, i: int, pick) -> str | None:
+    """Put column i on pick (adding empty columns up to it). A changed pick starts that column's
+    conversation afresh; a value that is not under the root leaves the side empty, with a note.
+    Returns the path the side now has."""
+    s = browser.session
+    while len(s.sides) <= i:
+        s.add(None)
+    n = len(s.sides)
+    browser.notes = (browser.notes + [None] * n)[:n]
+    browser.scores = (browser.scores + [None] * n)[:n]
+    try:
+        path, browser.notes[i] = str(inside_root(cfg.root, pick, "checkpoint")), None
+    except StepwiseError as err:
+        path, browser.notes[i] = None, str(err)
+    if s.sides[i].path != path:
+        s.set_side(i, path)
+        browser.scores[i] = None
+    return path
+
+
 def sync_sides(cfg: WebConfig, browser: Browser, picks: list) -> None:
-    """Make the session's sides match the columns' picks. A column whose pick changed starts its
-    conversation afresh; a value that is not under the root leaves that side empty, with a note."""
+    """Make the session's sides match the columns' picks (set_pick for each)."""
     s = browser.session
     while len(s.sides) > len(picks):
         s.drop(len(s.sides) - 1)
-    browser.notes = [None] * len(picks)
-    browser.scores = (browser.scores + [None] * len(picks))[: len(picks)]
     for i, pick in enumerate(picks):
-        try:
-            path = str(inside_root(cfg.root, pick, "checkpoint"))
-        except StepwiseError as err:
-            path, browser.notes[i] = None, str(err)
-        if i >= len(s.sides):
-            s.add(path)
-        elif s.sides[i].path != path:
-            s.set_side(i, path)
-            browser.scores[i] = None
+        set_pick(cfg, browser, i, pick)
 
 
 def stats_text(gen: Generation | None, side, note: str | None) -> str:
@@ -263,20 +272,11 @@ class CompareTab:
         browser = self.browser(state)
         if browser.busy.locked():  # the next Send picks the new checkpoint up
             return {self.state: browser}
-        s = browser.session
-        while len(s.sides) <= i:
-            s.add(None)
-        try:
-            path, note = str(inside_root(self.cfg.root, pick, "checkpoint")), None
-        except StepwiseError as err:
-            path, note = None, str(err)
-        if s.sides[i].path != path:
-            s.set_side(i, path)
-        browser.notes = (browser.notes + [None] * len(s.sides))[: len(s.sides)]
-        browser.scores = (browser.scores + [None] * len(s.sides))[: len(s.sides)]
-        browser.notes[i], browser.scores[i] = note, None
+        path = set_pick(self.cfg, browser, i, pick)
+        note = browser.notes[i]
+        browser.scores[i] = None
         cached = path is not None and path in self.cache
-        return {self.state: browser, self.chats[i]: s.sides[i].history,
+        return {self.state: browser, self.chats[i]: browser.session.sides[i].history,
                 self.stats[i]: f"**Error:** {note}" if note else ("loaded (cached)" if cached else ""),
                 self.scores[i]: ""}
 

@@ -9,34 +9,24 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
+from app.catalog import round_value
 from app.web_common import WebConfig, prompt_file_choices, rel, resolve_checkpoint, resolve_prompt_file
 from trainer.errors import StepwiseError
+from trainer.evaluate import heldout_samples
 from trainer.generate import GenerationSettings
 from trainer.prompts import load_prompts
-from trainer.scoring import score_response, summarize
+from trainer.scoring import SUMMARY_METRICS, summarize
 
-SUMMARY_KEYS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose", "rougeL", "mean_length")
+SUMMARY_KEYS = (*SUMMARY_METRICS, "mean_length")
 SUMMARY_HEADERS = ["checkpoint", "n", *SUMMARY_KEYS, "finished"]
 MAX_EVAL_PROMPTS = 200
 CHUNK = 8  # prompts per call, so the progress bar moves within a checkpoint
 
 
 def score_chunk(loaded, prompts, settings: GenerationSettings) -> list[dict]:
-    """Score rows (score_response + finished, new_tokens) for a few prompts, via trainer.evaluate when
-    it is there; otherwise the same generate_batch + score_response it is built from."""
-    try:
-        from trainer.evaluate import heldout_samples
-    except ImportError:
-        heldout_samples = None
-    if heldout_samples is not None:
-        rows, _ = heldout_samples(loaded.model, loaded.tokenizer, prompts, settings)
-        return rows
-    from trainer.generate import generate_batch
-
-    gens = generate_batch(loaded.model, loaded.tokenizer, [[{"role": "user", "content": p.prompt}] for p in prompts],
-                          settings)
-    return [{**score_response(p, g.text), "finished": g.finished, "new_tokens": g.new_tokens}
-            for p, g in zip(prompts, gens)]
+    """Score rows (score_response + finished, new_tokens) for a few prompts: trainer eval's own."""
+    rows, _ = heldout_samples(loaded.model, loaded.tokenizer, prompts, settings)
+    return rows
 
 
 def _mark(row: dict) -> str:
@@ -76,16 +66,12 @@ def run_eval(cfg: WebConfig, cache, picks, prompt_file, n_prompts, max_new_token
             done += len(prompts[start:start + CHUNK])
         s = summarize(rows, [bool(r.get("finished")) for r in rows])
         finished = sum(bool(r.get("finished")) for r in rows)
-        summary.append([name, s.get("n"), *(_round(s.get(k)) for k in SUMMARY_KEYS), f"{finished}/{len(rows)}"])
+        summary.append([name, s.get("n"), *(round_value(s.get(k)) for k in SUMMARY_KEYS), f"{finished}/{len(rows)}"])
         for p, row in zip(prompts, rows):
             answers[p.key].append(_mark(row))
     progress((total, total), desc="done")
     headers = ["key", "prompt", *(rel(cfg.root, p) for p in paths)]
     return pd.DataFrame(summary, columns=SUMMARY_HEADERS), pd.DataFrame(list(answers.values()), columns=headers)
-
-
-def _round(value, digits: int = 4):
-    return round(value, digits) if isinstance(value, float) else value
 
 
 @dataclass

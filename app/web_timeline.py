@@ -3,13 +3,14 @@ scores, read from the samples.jsonl the trainer stored with each checkpoint (no 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
-from app.web_common import WebConfig, esc, fmt, resolve_run, run_choices, scores_html
+from app.web_common import WebConfig, esc, fmt, refresh_runs, resolve_run, scores_html
 from trainer.checkpoint import read_run
 from trainer.errors import StepwiseError
 
@@ -112,11 +113,8 @@ def build_timeline_tab(cfg: WebConfig) -> TimelineTab:
         except StepwiseError as err:
             return f"<i>{esc(err)}</i>"
 
-    def refresh_runs(current):
-        names = run_choices(cfg.root)
-        return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
-
     run.change(pick_run, run, [prompt, view], api_name="timeline_run")
     prompt.input(show, [run, prompt], view, api_name="timeline")
-    refresh.click(refresh_runs, run, run, api_visibility="undocumented").then(show, [run, prompt], view)
+    refresh.click(functools.partial(refresh_runs, cfg.root), run, run, api_visibility="undocumented").then(
+        show, [run, prompt], view)
     return TimelineTab(run, prompt, view)

@@ -3,19 +3,23 @@ early-stopping state, the overfitting verdict, and the planner's table for the r
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+from rich.console import Console
 
-from app.web_common import WebConfig, esc, fmt, resolve_run, run_choices
+from app.catalog import round_value
+from app.web_common import WebConfig, esc, fmt, refresh_runs, resolve_run
 from trainer.checkpoint import read_run
 from trainer.errors import StepwiseError
 from trainer.metrics import classify_trend
+from trainer.scoring import SUMMARY_METRICS
 
-IF_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose", "rougeL", "mean_length")
-CHECKPOINT_HEADERS = ["checkpoint", "step", "epoch", "val_loss", *IF_METRICS]
+METRIC_COLUMNS = (*SUMMARY_METRICS, "mean_length")
+CHECKPOINT_HEADERS = ["checkpoint", "step", "epoch", "val_loss", *METRIC_COLUMNS]
 
 
 PLOTTED = ("if_prompt_strict", "if_inst_strict", "if_prompt_loose", "rougeL")
@@ -69,14 +73,11 @@ def checkpoint_rows(run) -> list[list]:
     rows = []
     for c in run.checkpoints:
         h = by_step.get(c.step, {})
-        m = {**{k: h.get(k) for k in IF_METRICS}, **(c.metrics or {})}
+        m = {**{k: h.get(k) for k in METRIC_COLUMNS}, **(c.metrics or {})}
         name = ("final" if c.is_final else f"step {c.step}") + (" (best)" if c.is_best else "")
-        rows.append([name, c.step, _round(h.get("epoch")), _round(c.val_loss), *(_round(m.get(k)) for k in IF_METRICS)])
+        rows.append([name, c.step, round_value(h.get("epoch")), round_value(c.val_loss),
+                     *(round_value(m.get(k)) for k in METRIC_COLUMNS)])
     return rows
-
-
-def _round(value, digits: int = 4):
-    return round(value, digits) if isinstance(value, float) else value
 
 
 def status_markdown(metrics: dict) -> str:
@@ -105,19 +106,16 @@ def status_markdown(metrics: dict) -> str:
 
 
 def plan_text(run_dir: Path, metrics: dict) -> str:
-    """The planner's table for the run's saved config. trainer.plan has no one-call table for a
-    config, so this feeds its `count` + `render` the example counts and step time the run recorded
-    (no data loading or timing in a web request); without those, the config and counts as they are."""
+    """The planner's table for the run's saved config, fed the example counts and step time the run
+    recorded (no data loading or timing in a web request); without those, the config and counts as they are."""
+    from trainer import plan as planner
+    from trainer.config import load_saved
+
     config_path = run_dir / "config.yaml"
     data = metrics.get("data") or {}
     try:
-        from trainer import plan as planner
-        from trainer.config import load_saved
-
         cfg = load_saved(config_path)
-        if hasattr(planner, "plan_table"):
-            return _as_text(planner.plan_table(cfg))
-        if data.get("train_examples") is not None and hasattr(planner, "count") and hasattr(planner, "render"):
+        if data.get("train_examples") is not None:
             plan = planner.count(cfg, int(data["train_examples"]), int(data.get("val_examples") or 0))
             plan.tokens_per_epoch = data.get("train_tokens")
             if plan.tokens_per_epoch is not None:
@@ -126,30 +124,14 @@ def plan_text(run_dir: Path, metrics: dict) -> str:
                 plan.seconds_per_step, plan.timing_source = float(data["seconds_per_step"]), "recorded by this run"
             else:
                 plan.timing_source = "no step time recorded"
-            console = _console()
+            console = Console(file=io.StringIO(), width=100, record=True, color_system=None, highlight=False)
             planner.render(plan, console)
             return console.export_text()
-    except ImportError:
-        pass
     except Exception as err:  # a planner failure must not take the tab down; fall through to the raw facts
         data = {**data, "planner_error": str(err)}
     counts = "\n".join(f"{k}: {v}" for k, v in data.items())
     config = config_path.read_text() if config_path.is_file() else "(no config.yaml)"
     return f"# counts from training_metrics.json (planner table not available)\n{counts}\n\n# config.yaml\n{config}"
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(file=io.StringIO(), width=100, record=True, color_system=None, highlight=False)
-
-
-def _as_text(table) -> str:
-    if isinstance(table, str):
-        return table
-    console = _console()
-    console.print(table)
-    return console.export_text()
 
 
 @dataclass
@@ -182,10 +164,7 @@ def build_training_tab(cfg: WebConfig) -> TrainingTab:
         fig = loss_figure(info.metrics.get("history", []), steps, best, scored)
         return fig, status_markdown(info.metrics), checkpoint_rows(info), plan_text(run_dir, info.metrics)
 
-    def refresh_runs(current):
-        names = run_choices(cfg.root)
-        return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
-
     run.change(show, run, [plot, status, table, plan], api_name="training")
-    refresh.click(refresh_runs, run, run, api_visibility="undocumented").then(show, run, [plot, status, table, plan])
+    refresh.click(functools.partial(refresh_runs, cfg.root), run, run, api_visibility="undocumented").then(
+        show, run, [plot, status, table, plan])
     return TrainingTab(run)

@@ -164,7 +164,7 @@ def test_chat_history_score_and_save(session, ckpts, tmp_path):
     assert [row[1] for row in rows] == ["✗", "✓"]  # only step 20 answered in capitals
     assert lower_rows[1][1] == "✗"
     assert [row[1] for row in short_rows] == ["✓", "✗"]  # 4 words and 6 words
-    assert io.errors == ["/score: length_constraints:number_words needs num_words=..., relation=..."]
+    assert io.errors == ["/score: length_constraints:number_words needs kwargs num_words, relation"]
     saved = json.loads((tmp_path / "t.json").read_text())
     assert [m["content"] for m in saved["panels"][1]["history"]] == ["hello", ANSWERS[20], "answer in capitals",
                                                                        ANSWERS[20]]

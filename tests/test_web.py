@@ -182,6 +182,11 @@ def test_catalogue_lists_every_checkpoint_grouped_with_best(demo_root):
     assert default_picks([(v, v) for v in ["r/step-000010", "r/step-000020", "r/step-000030", "r/final"]], 2) == \
         ["r/step-000010", "r/step-000030"]
     assert default_picks([], 2) == [None, None]
+    # Fewer step checkpoints than columns: final/ next, then empty columns, never one checkpoint twice.
+    assert default_picks([(v, v) for v in ["r/step-000010", "r/step-000020", "r/step-000030", "r/final"]], 4) == \
+        ["r/step-000010", "r/step-000030", "r/step-000020", "r/final"]
+    assert default_picks([(v, v) for v in ["r/step-000010", "r/final", "q/step-000010"]], 3) == \
+        ["r/step-000010", "r/final", None]
 
 
 def test_timeline_training_and_scores_render(demo_root):
@@ -213,11 +218,48 @@ def test_web_config_defaults_to_repo_prompt_files(tmp_path):
     assert all(p.suffix == ".jsonl" for p in cfg.prompt_files)
 
 
-def test_cli_refuses_missing_root(tmp_path, capsys):
-    from app.web import main
-
-    assert main(["--root", str(tmp_path / "nope")]) == 2
-    assert "no such folder" in capsys.readouterr().err
+@pytest.mark.parametrize("case, expect", [
+    ("port_in_use", "error: --port {port}: already in use on 127.0.0.1"),
+    ("no_root", "error: --root {tmp}/nope: no such folder"),
+    ("bad_prompts", "error: --prompts {tmp}/bad.jsonl:2: invalid JSON"),
+    ("unknown_instruction", "error: --prompts {tmp}/bad.jsonl:1: unknown instruction id 'no:such'"),
+    ("missing_prompts", "error: --prompts {tmp}/none.jsonl: prompt file not found"),
+    ("port_out_of_range", "error: python -m app.web: argument --port: a port is 1 to 65535, got 70000"),
+])
+def test_cli_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path, case, expect):
+    """`python -m app.web` as a user starts it: each mistake is one line naming the flag, before the page
+    is built or anything is written (the port in use too: gradio's own report is a 14-line OSError)."""
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(PROMPTS[0]) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(PROMPTS[0]) + "\n{not json\n" if case == "bad_prompts" else
+                   json.dumps({"prompt": "hi", "instruction_id_list": ["no:such"], "kwargs": [{}]}) + "\n")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    args = {"port_in_use": ["--root", str(root), "--prompts", str(good)],
+            "no_root": ["--root", str(tmp_path / "nope"), "--port", str(free_port())],
+            "bad_prompts": ["--root", str(root), "--prompts", str(good), "--prompts", str(bad)],
+            "unknown_instruction": ["--root", str(root), "--prompts", str(bad)],
+            "missing_prompts": ["--root", str(root), "--prompts", str(tmp_path / "none.jsonl")],
+            "port_out_of_range": ["--root", str(root), "--port", "70000"]}[case]
+    if case == "port_in_use":
+        args += ["--port", str(port)]
+    before = sorted(tmp_path.rglob("*"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "app.web", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        busy.close()
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expect.format(port=port, tmp=tmp_path)), proc.stderr
+    assert "Running on" not in proc.stdout
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 # --- the real server ---------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table

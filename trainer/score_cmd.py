@@ -7,9 +7,7 @@ matched to the held-out prompts by prompt text as IFEval's evaluation_lib does.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from trainer import scoring
+from trainer.checkpoint import write_json_atomic
 from trainer.cli import ArgumentParser
 from trainer.errors import StepwiseError
 from trainer.prompts import HeldoutPrompt, load_prompts, read_jsonl
@@ -91,26 +90,6 @@ def check_output(path: Path) -> None:
         raise StepwiseError(f"--output {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise StepwiseError(f"--output {path}: cannot write in {parent} (permission denied)")
-
-
-# Kept apart from trainer.checkpoint.write_json_atomic: this one is safe with two writers at once (a
-# unique mkstemp name), removes its temp file when writing fails, and gives the file the mode open() would.
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Temp file in the same folder, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        # mkstemp makes the file 0600; give it the mode a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _fmt(value: Any, kind: str) -> str:

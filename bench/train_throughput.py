@@ -111,7 +111,7 @@ def main() -> int:
         cfg = parse_config(["--dataset", args.dataset, "--context_length", str(args.context_length),
                             "--mini_batch_size", str(args.mini_batch_size), "--learning_rate", "1e-3",
                             "--output_dir", tmp, "--run_name", "bench", "--use_tensorboard", "false",
-                            "--progress", "false", "--demo_records", "4000"])
+                            "--progress", "false", "--demo_records", "4000", "--eval_prompts", "none"])
         run = setup(cfg)
         run.reporter.enabled = False
         initial = copy.deepcopy(run.raw_model)  # the peer starts from the very same weights

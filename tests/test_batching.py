@@ -84,7 +84,7 @@ def test_accumulated_micro_batches_give_the_large_batch_gradient(tmp_path):
     def grads(mini, total):
         cfg = parse_config(["--demo_records", "60", "--context_length", "64", "--mini_batch_size", str(mini),
                             "--total_batch_size", str(total), "--output_dir", str(tmp_path), "--run_name", f"g{mini}",
-                            "--use_tensorboard", "false", "--progress", "false"])
+                            "--use_tensorboard", "false", "--progress", "false", "--eval_prompts", "none"])
         run = setup(cfg)
         run.reporter.enabled = False
         ids = list(range(8))

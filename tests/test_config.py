@@ -59,7 +59,7 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, needle):
     (["--checkpoint_freq", "25", "--eval_freq", "10"], "--checkpoint_freq"),
     (["--metric_for_best_model", "accuracy"], "--metric_for_best_model"),
     (["--val_fraction", "1.5"], "--val_fraction"),
-    (["--metric_for_best_model", "if_prompt_strict"], "--eval_prompts"),
+    (["--metric_for_best_model", "if_prompt_strict", "--eval_prompts", "none"], "--eval_prompts"),
     (["--config", "no/such.yaml"], "--config"),
 ])
 def test_impossible_combinations_name_the_flag(argv, flag):
@@ -122,3 +122,12 @@ def test_resume_keeps_the_data_and_model_settings():
 def test_argparse_mistakes_are_one_line(argv):
     proc = run_trainer(["train", *argv], check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
+
+
+def test_no_config_is_the_demo_preset_and_a_real_model_is_not():
+    demo = parse_config([])
+    assert demo.config_name == "demo"
+    assert demo == parse_config(["--config", str(ROOT / "configs" / "demo.yaml")])
+    assert parse_config(["--max_steps", "10"]).optim.learning_rate == demo.optim.learning_rate
+    real = parse_config(["--pretrained_model", "some/model"])
+    assert real.config_name == "default" and real.optim.learning_rate == 2e-5

@@ -18,7 +18,8 @@ from tests.conftest import ROOT, run_trainer
 from trainer.checkpoint import list_steps, rotate, step_dir_name
 
 FAST = ["--demo_records", "300", "--context_length", "96", "--mini_batch_size", "4", "--eval_max_batches", "2",
-        "--progress", "false", "--use_tensorboard", "false", "--learning_rate", "3e-3", "--warmup_ratio", "0.1"]
+        "--progress", "false", "--use_tensorboard", "false", "--learning_rate", "3e-3", "--warmup_ratio", "0.1",
+        "--eval_prompts", "none"]
 
 
 def history(run_dir: Path) -> list[dict]:
@@ -146,7 +147,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
             "--mini_batch_size", "2", "--total_batch_size", str(2 * 96 * 2), "--output_dir", str(tmp_path)]
     run_trainer(["train", *args, "--run_name", "one"])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "trainer", "train", *args, "--run_name", "two"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

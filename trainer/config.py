@@ -376,6 +376,12 @@ def _field_doc(cls, name: str) -> str:
     return ""
 
 
+# `python -m trainer train` with no --config is the embedded default: with the demo model, every
+# setting not given comes from this preset (a tiny model from scratch wants other numbers than the
+# dataclass defaults, which suit fine-tuning a pretrained model).
+DEMO_PRESET = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
 def explicit(args: argparse.Namespace) -> tuple[dict, str]:
     """The values a user gave (YAML file, then flags) and the config's name; defaults not included."""
     values: dict = {}
@@ -387,9 +393,16 @@ def explicit(args: argparse.Namespace) -> tuple[dict, str]:
     return values, config_name
 
 
+def with_preset(values: dict, config_name: str) -> tuple[dict, str]:
+    """The demo preset under the given values, when no config file was given and the model is the demo."""
+    if config_name != "default" or values.get("pretrained_model", "demo") != "demo" or not DEMO_PRESET.is_file():
+        return values, config_name
+    return {**read_yaml(str(DEMO_PRESET)), **values}, DEMO_PRESET.stem
+
+
 def resolve(args: argparse.Namespace) -> Config:
-    """defaults < YAML < flags, validated."""
-    return from_flat(*explicit(args))
+    """defaults (or the demo preset) < YAML < flags, validated."""
+    return from_flat(*with_preset(*explicit(args)))
 
 
 # A resumed run keeps what decides its data order and its model: changing any of these would make

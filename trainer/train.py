@@ -23,7 +23,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from trainer import checkpoint as ckpt
 from trainer.batching import collate, micro_batches, padding_efficiency, steps_per_epoch, tokenize
-from trainer.config import METRICS, Config, build_parser, explicit, from_flat, load_saved, resumed
+from trainer.config import METRICS, Config, build_parser, explicit, from_flat, load_saved, resumed, with_preset
 from trainer.data import load_train_val
 from trainer.errors import StepwiseError
 from trainer.metrics import MetricsLog, classify_trend, metrics_path, recommend
@@ -68,7 +68,7 @@ class Run:
 def main(argv: list[str]) -> int:
     parser = build_parser("python -m trainer train", "Fine-tune a causal LM on instruction data, checkpointing every N steps.")
     given, name = explicit(parser.parse_args(argv))
-    cfg = from_flat(given, name)
+    cfg = from_flat(*with_preset(given, name))
     if cfg.run.resume and (resolve_run_dir(cfg) / "config.yaml").is_file():
         # --resume continues the run as it was configured; only what is given now changes.
         cfg = resumed(load_saved(resolve_run_dir(cfg) / "config.yaml"), given)
@@ -483,6 +483,10 @@ def finish(run: Run, step: int, saved_at: int | None, evaluated_at: int | None, 
             ckpt.write_final(run.run_dir, run.run_dir / log.best["checkpoint"])
         log.save()
         run.reporter.finish(log, run.run_dir)
+    if run.world > 1:
+        # Tear the process group down together: a rank that leaves while another still writes
+        # final/ can abort in gloo's shutdown ("terminate called without an active exception").
+        dist.barrier()
 
 
 if __name__ == "__main__":

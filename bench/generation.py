@@ -66,15 +66,17 @@ def batched(model, tokenizer, conversations, settings, batch_size) -> tuple[list
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="bench/generation.py", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a checkpoint folder instead of the untrained demo model")
-    parser.add_argument("--prompts", type=int, default=64, help="prompts from eval_prompts/demo_ifeval.jsonl (>= 32)")
+    parser.add_argument("--prompts", type=int, default=128, help="prompts from eval_prompts/demo_ifeval.jsonl (>= 32)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--ifeval_max_new_tokens", type=int, default=32, help="the cap for the IFEval-file timing")
     parser.add_argument("--skip_ifeval", action="store_true")
     parser.add_argument("--device", default="cpu")
-    # One thread by default: on a machine shared with other work, two spinning torch threads per process
-    # made both sides 10-20x slower and the figures swing from run to run; pass --threads 2 when idle.
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    # Both sides get the machine's cores, as a user's run would. One-at-a-time decoding is bound by
+    # per-token overhead and gains nothing from a second thread; batched decoding does. On a machine
+    # busy with other work, spinning threads make both sides swing: pass --threads 1 there.
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help=f"torch threads (default {torch.get_num_threads()}, torch's default here)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

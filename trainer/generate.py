@@ -24,11 +24,11 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessorList,
                           RepetitionPenaltyLogitsProcessor, StoppingCriteriaList, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
-from transformers.utils import logging as hf_logging
 
 from trainer.batching import ensure_chat_template
 from trainer.checkpoint import STEP_RE, WEIGHT_FILES, CheckpointInfo, read_run
 from trainer.errors import StepwiseError
+from trainer.models import from_pretrained
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # End-of-turn tokens of common chat templates; whichever the tokenizer knows also ends an answer.
@@ -183,17 +183,9 @@ def load_model(path: str | Path, device: str | None = None) -> LoadedModel:
 
 
 def _from_pretrained(name: str, dtype: torch.dtype):
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would break the REPL's and the eval's display
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise StepwiseError(f"{name}: could not load ({first})") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, flag="")
+    model = from_pretrained(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=dtype, use_safetensors=True),
+                            name, flag="")
     return tokenizer, model
 
 

@@ -53,21 +53,31 @@ def demo_texts(records: list[dict]) -> list[str]:
     return texts + ["### Instruction:\n", "### Response:\n"]
 
 
-def _from_pretrained(loader, name: str):
+def from_pretrained(loader, name: str, flag: str = "--pretrained_model"):
+    """loader(name) (an AutoX.from_pretrained) with Hugging Face's progress bars off, since they
+    would land in our log, the REPL and the eval display, and its errors as one line naming it."""
+    from transformers.utils import logging
+
+    label = f"{flag} {name}" if flag else name
     path = Path(name)
     if path.exists() and not (path / "config.json").is_file():
-        raise StepwiseError(f"--pretrained_model {name}: no config.json (not a Hugging Face model folder)")
+        raise StepwiseError(f"{label}: no config.json (not a Hugging Face model folder)")
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
     try:
         return loader(name)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise StepwiseError(f"--pretrained_model {name}: could not load ({first})") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise StepwiseError(f"{label}: could not load ({first})") from None
+    finally:
+        if bars:
+            logging.enable_progress_bar()
 
 
 def load_pretrained_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name)
     ensure_chat_template(tokenizer)
     return tokenizer
 
@@ -75,12 +85,9 @@ def load_pretrained_tokenizer(name: str):
 def load_pretrained(name: str):
     """Tokenizer and model from a Hugging Face folder, a hub id or a Stepwise checkpoint."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # its weight-loading bar would land in the training log
 
     tokenizer = load_pretrained_tokenizer(name)
-    model = _from_pretrained(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32), name)
+    model = from_pretrained(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32), name)
     return tokenizer, model
 
 

@@ -45,7 +45,8 @@ class Run:
     raw_model: torch.nn.Module
     tokenizer: object
     train: list[dict]
-    val: list[dict]
+    val_batches: list[dict]
+    """This process's share of the validation batches, collated once at setup."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
@@ -232,7 +233,8 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
         reporter.info(f"run folder {run_dir}")
         if cfg.run.use_tensorboard:
             reporter.open_tensorboard(run_dir / "tensorboard")
-    return Run(cfg, run_dir, device, rank, world, model, raw_model, tokenizer, train, val, optimizer, scheduler,
+    return Run(cfg, run_dir, device, rank, world, model, raw_model, tokenizer, train,
+               validation_batches(val, cfg, tokenizer.pad_token_id, rank, world), optimizer, scheduler,
                total, spe, log, reporter, start_step=start, heldout=heldout)
 
 
@@ -299,21 +301,26 @@ def train_step(run: Run, batches: list[list[int]]) -> tuple[float, float, int]:
     return loss_sum / n_tokens, grad_norm, n_tokens
 
 
+def validation_batches(val: list[dict], cfg: Config, pad_id: int, rank: int, world: int) -> list[dict]:
+    """The validation set (or its first eval_max_batches mini batches, a fixed subset) sorted by
+    length into mini batches, this process's share, collated once for every evaluation."""
+    b = cfg.optim.mini_batch_size
+    order = sorted(range(len(val)), key=lambda i: len(val[i]["input_ids"]))
+    batches = [order[i:i + b] for i in range(0, len(order), b)]
+    if cfg.eval.eval_max_batches:
+        batches = batches[: cfg.eval.eval_max_batches]
+    return [collate([val[i] for i in batch], pad_id) for batch in batches[rank::world]]
+
+
 @torch.no_grad()
 def validate(run: Run) -> float | None:
-    """Token-weighted validation loss over the val set (or its first eval_max_batches mini batches),
-    sharded over processes and summed across them."""
-    if not run.val:
+    """Token-weighted validation loss, summed across processes."""
+    if not run.log.data.get("val_examples"):
         return None
-    b = run.cfg.optim.mini_batch_size
-    order = sorted(range(len(run.val)), key=lambda i: len(run.val[i]["input_ids"]))
-    batches = [order[i:i + b] for i in range(0, len(order), b)]
-    if run.cfg.eval.eval_max_batches:
-        batches = batches[: run.cfg.eval.eval_max_batches]
     run.model.eval()
     loss_sum, count = 0.0, 0
-    for batch in batches[run.rank::run.world]:
-        m = {k: v.to(run.device) for k, v in collate([run.val[i] for i in batch], run.tokenizer.pad_token_id).items()}
+    for batch in run.val_batches:
+        m = {k: v.to(run.device) for k, v in batch.items()}
         n = int((m["labels"][:, 1:] != -100).sum())
         with autocast(run):
             out = run.raw_model(**m, num_items_in_batch=torch.tensor(n, device=run.device))

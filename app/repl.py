@@ -48,12 +48,12 @@ from prompt_toolkit.completion import Completer, Completion
 from app.catalog import fmt, spread
 from app.chatio import ChatIO, PanelView, PlainChatIO, RichChatIO
 from app.session import CompareSession, ModelCache
-from trainer import scoring
-from trainer.checkpoint import is_checkpoint, list_runs, newest_run, read_run
-from trainer.cli import ArgumentParser
-from trainer.errors import StepwiseError
-from trainer.generate import GenerationSettings, generate_batch
-from trainer.prompts import HeldoutPrompt, check_instruction, load_prompts
+from trainer.cli.args import ArgumentParser
+from trainer.core.catalog import is_checkpoint, list_runs, newest_run, read_run
+from trainer.core.errors import StepwiseError
+from trainer.evals import registry, scoring
+from trainer.evals.prompts import HeldoutPrompt, check_instruction, load_prompts
+from trainer.inference.generate import GenerationSettings, generate_batch
 
 DEFAULT_PROMPTS = "eval_prompts/demo_ifeval.jsonl"  # from the working folder, else from the repository
 MAX_PANELS = 4
@@ -360,7 +360,7 @@ class Repl:
             if "=" in w and ids:
                 k, _, v = w.partition("=")
                 kwargs[-1][k] = int(v) if v.lstrip("-").isdigit() else v
-            elif w in scoring.instruction_registry():
+            elif w in registry.instruction_registry():
                 ids.append(w)
                 kwargs.append({})
             else:
@@ -554,7 +554,7 @@ class CommandCompleter(Completer):
             if name == "/params":
                 return [f"{f.name}=" for f in dataclasses.fields(GenerationSettings)]
             if name == "/score":
-                return [p.key for p in repl.prompts()] + sorted(scoring.instruction_registry())
+                return [p.key for p in repl.prompts()] + sorted(registry.instruction_registry())
         except StepwiseError:  # a missing prompt file just means nothing to complete
             pass
         return []

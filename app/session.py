@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.checkpoint import WEIGHT_FILES
-from trainer.errors import StepwiseError
-from trainer.generate import Generation, GenerationSettings, LoadedModel, load_model, stream
+from trainer.core.catalog import WEIGHT_FILES
+from trainer.core.errors import StepwiseError
+from trainer.inference.generate import Generation, GenerationSettings, stream
+from trainer.inference.loading import LoadedModel, load_model
 
 
 class ModelCache:

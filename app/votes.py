@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from trainer.errors import StepwiseError
+from trainer.core.errors import StepwiseError
 
 VOTES_FILE = "votes.jsonl"
 OUTCOMES = ("a", "b", "tie", "both_bad")

@@ -17,17 +17,25 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.catalog import keep_choice
 from app.session import CompareSession, ModelCache
 from app.votes import VoteStore
-from app.catalog import keep_choice
-from app.web_common import CSS, MAX_SIDES, WebConfig, checkpoint_choices, default_picks, inside_root, run_choices
+from app.web_common import (
+    CSS,
+    MAX_SIDES,
+    WebConfig,
+    checkpoint_choices,
+    default_picks,
+    inside_root,
+    run_choices,
+)
 from app.web_compare import CompareTab, check_prompt, settings_from
 from app.web_eval import build_eval_tab
 from app.web_timeline import build_timeline_tab
 from app.web_training import build_training_tab
-from trainer.cli import ArgumentParser
-from trainer.errors import StepwiseError
-from trainer.prompts import load_prompts
+from trainer.cli.args import ArgumentParser
+from trainer.core.errors import StepwiseError
+from trainer.evals.prompts import load_prompts
 
 INTRO = ("**Stepwise**: is step 1500 better than step 1000? Pick a checkpoint per column, send a prompt "
          "(or draw a held-out one), and vote. Root: `{root}`")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from app.catalog import fmt as catalog_fmt
 from app.catalog import keep_choice, spread
-from trainer.checkpoint import CheckpointInfo, RunInfo, is_checkpoint, list_runs
-from trainer.errors import StepwiseError
+from trainer.core.catalog import CheckpointInfo, RunInfo, is_checkpoint, list_runs
+from trainer.core.errors import StepwiseError
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_SIDES, MAX_SIDES = 2, 4

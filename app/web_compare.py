@@ -20,12 +20,23 @@ import gradio as gr
 
 from app.session import CompareSession, ModelCache
 from app.votes import OUTCOME_LABELS, RATING_HEADERS, Vote, VoteStore, ratings_table
-from app.web_common import (MAX_SIDES, MIN_SIDES, SIDE_NAMES, WebConfig, constraints_html, esc, inside_root,
-                            prompt_file_choices, rel, resolve_prompt_file, scores_html)
-from trainer.errors import StepwiseError
-from trainer.generate import Generation, GenerationSettings
-from trainer.prompts import HeldoutPrompt, load_prompts
-from trainer.scoring import score_response, words
+from app.web_common import (
+    MAX_SIDES,
+    MIN_SIDES,
+    SIDE_NAMES,
+    WebConfig,
+    constraints_html,
+    esc,
+    inside_root,
+    prompt_file_choices,
+    rel,
+    resolve_prompt_file,
+    scores_html,
+)
+from trainer.core.errors import StepwiseError
+from trainer.evals.prompts import HeldoutPrompt, load_prompts
+from trainer.evals.scoring import score_response, words
+from trainer.inference.generate import Generation, GenerationSettings
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Eval tab: held-out scoring on chosen checkpoints, with a progress bar, a summary table and the
-per-prompt answers side by side. The generation and scores are the trainer's own (trainer.evaluate),
+per-prompt answers side by side. The generation and scores are the trainer's own (trainer.cli.evaluate),
 so a number here is the number `trainer eval` and the training run report."""
 
 from __future__ import annotations
@@ -10,12 +10,18 @@ import gradio as gr
 import pandas as pd
 
 from app.catalog import round_value
-from app.web_common import WebConfig, prompt_file_choices, rel, resolve_checkpoint, resolve_prompt_file
-from trainer.errors import StepwiseError
-from trainer.evaluate import heldout_samples
-from trainer.generate import GenerationSettings
-from trainer.prompts import load_prompts
-from trainer.scoring import SUMMARY_METRICS, summarize
+from app.web_common import (
+    WebConfig,
+    prompt_file_choices,
+    rel,
+    resolve_checkpoint,
+    resolve_prompt_file,
+)
+from trainer.core.errors import StepwiseError
+from trainer.evals.heldout import heldout_samples
+from trainer.evals.prompts import load_prompts
+from trainer.evals.scoring import SUMMARY_METRICS, summarize
+from trainer.inference.generate import GenerationSettings
 
 SUMMARY_KEYS = (*SUMMARY_METRICS, "mean_length")
 SUMMARY_HEADERS = ["checkpoint", "n", *SUMMARY_KEYS, "finished"]

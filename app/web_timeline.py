@@ -11,8 +11,8 @@ from pathlib import Path
 import gradio as gr
 
 from app.web_common import WebConfig, esc, fmt, refresh_runs, resolve_run, scores_html
-from trainer.checkpoint import read_run
-from trainer.errors import StepwiseError
+from trainer.core.catalog import read_run
+from trainer.core.errors import StepwiseError
 
 SAMPLES_FILE = "samples.jsonl"
 

@@ -13,10 +13,10 @@ from rich.console import Console
 
 from app.catalog import round_value
 from app.web_common import WebConfig, esc, fmt, refresh_runs, resolve_run
-from trainer.checkpoint import read_run
-from trainer.errors import StepwiseError
-from trainer.metrics import classify_trend
-from trainer.scoring import SUMMARY_METRICS
+from trainer.core.catalog import read_run
+from trainer.core.errors import StepwiseError
+from trainer.evals.scoring import SUMMARY_METRICS
+from trainer.training.metrics import classify_trend
 
 METRIC_COLUMNS = (*SUMMARY_METRICS, "mean_length")
 CHECKPOINT_HEADERS = ["checkpoint", "step", "epoch", "val_loss", *METRIC_COLUMNS]
@@ -29,7 +29,9 @@ def loss_figure(history: list[dict], checkpoint_steps: list[int], best_step: int
                 checkpoint_metrics: dict[int, dict] | None = None):
     """Train and val loss against step, dotted lines at checkpoints and a star on the best; below it,
     the held-out metrics of each checkpoint when the run scored any."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure state in a server
+    from matplotlib.figure import (
+        Figure,  # no pyplot: no global figure state in a server
+    )
 
     metrics = {s: m for s, m in sorted((checkpoint_metrics or {}).items()) if any(m.get(k) is not None for k in PLOTTED)}
     fig = Figure(figsize=(9, 6.4 if metrics else 4.2), dpi=100, layout="constrained")
@@ -108,8 +110,8 @@ def status_markdown(metrics: dict) -> str:
 def plan_text(run_dir: Path, metrics: dict) -> str:
     """The planner's table for the run's saved config, fed the example counts and step time the run
     recorded (no data loading or timing in a web request); without those, the config and counts as they are."""
-    from trainer import plan as planner
-    from trainer.config import load_saved
+    from trainer.core.config import load_saved
+    from trainer.training import plan as planner
 
     config_path = run_dir / "config.yaml"
     data = metrics.get("data") or {}

@@ -20,19 +20,31 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.cli import ArgumentParser  # noqa: E402
-from trainer.evaluate import heldout_samples  # noqa: E402
-from trainer.generate import (GenerationSettings, _answer, _fit, _position_limit, generate_batch,  # noqa: E402
-                              load_model, prompt_ids, stop_ids)
-from trainer.prompts import load_prompts  # noqa: E402
+from trainer.cli.args import ArgumentParser  # noqa: E402
+from trainer.evals.heldout import heldout_samples
+from trainer.evals.prompts import load_prompts  # noqa: E402
+from trainer.inference.generate import (
+    GenerationSettings,
+    _answer,
+    _fit,
+    _position_limit,
+    generate_batch,
+    prompt_ids,
+    stop_ids,
+)
+from trainer.inference.loading import load_model
 
 DEMO_PROMPTS = ROOT / "eval_prompts" / "demo_ifeval.jsonl"
 IFEVAL = ROOT.parent / "shared" / "data" / "ifeval" / "input_data.jsonl"
 
 
 def demo_model(context_length: int):
-    from trainer.data import demo_records
-    from trainer.models import build_demo_model, build_demo_tokenizer, demo_texts
+    from trainer.training.data import demo_records
+    from trainer.training.models import (
+        build_demo_model,
+        build_demo_tokenizer,
+        demo_texts,
+    )
 
     tokenizer = build_demo_tokenizer(demo_texts(demo_records(2000, seed=0)))
     return build_demo_model(tokenizer, context_length, seed=0).eval(), tokenizer

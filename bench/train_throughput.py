@@ -26,9 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.batching import micro_batches  # noqa: E402
-from trainer.config import parse_config  # noqa: E402
-from trainer.train import setup, train_step  # noqa: E402
+from trainer.cli.options import parse_config  # noqa: E402
+from trainer.training.batching import micro_batches  # noqa: E402
+from trainer.training.loop import setup, train_step  # noqa: E402
 
 SHARED_ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_en_demo.json"
 
@@ -67,7 +67,12 @@ def bench_stepwise(run, batches: list[list[int]], warmup: int) -> dict:
 def bench_hf_trainer(model, tokenizer, examples: list[dict], mini_batch_size: int, lr: float,
                      warmup: int, steps: int, seed: int) -> dict:
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     counts: list[tuple[int, int]] = []
     pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -91,7 +96,7 @@ def bench_hf_trainer(model, tokenizer, examples: list[dict], mini_batch_size: in
                                  logging_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed)
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
                           data_collator=collate, callbacks=[clock])
-        trainer.train()
+        trainer.training.loop()
     measured = counts[warmup:warmup + steps]
     return {"seconds": clock.marks[-1] - clock.marks[warmup - 1], "tokens": sum(c[0] for c in measured),
             "supervised": sum(c[1] for c in measured)}

@@ -2,8 +2,15 @@
 
 import torch
 
-from trainer.batching import IGNORE, collate, micro_batches, padding_efficiency, segments, tokenize
-from trainer.models import build_demo_model, build_demo_tokenizer
+from trainer.training.batching import (
+    IGNORE,
+    collate,
+    micro_batches,
+    padding_efficiency,
+    segments,
+    tokenize,
+)
+from trainer.training.models import build_demo_model, build_demo_tokenizer
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -78,8 +85,8 @@ def test_padding_does_not_change_an_examples_loss():
 
 def test_accumulated_micro_batches_give_the_large_batch_gradient(tmp_path):
     """The step's loss is normalised by supervised tokens over the whole accumulated batch."""
-    from trainer.config import parse_config
-    from trainer.train import accumulate, setup
+    from trainer.cli.options import parse_config
+    from trainer.training.loop import accumulate, setup
 
     def grads(mini, total):
         cfg = parse_config(["--demo_records", "60", "--context_length", "64", "--mini_batch_size", str(mini),

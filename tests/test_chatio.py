@@ -7,7 +7,14 @@ import io
 import pytest
 from rich.console import Console
 
-from app.chatio import PanelView, PlainChatIO, RichChatIO, ScriptedChatIO, panels_renderable, printable
+from app.chatio import (
+    PanelView,
+    PlainChatIO,
+    RichChatIO,
+    ScriptedChatIO,
+    panels_renderable,
+    printable,
+)
 
 UPDATES = [
     [PanelView("[1] run · step 10", "al"), PanelView("[2] run · step 20", "")],

@@ -3,8 +3,9 @@
 import pytest
 
 from tests.conftest import ROOT, run_trainer
-from trainer.config import build_parser, load_saved, parse_config, read_yaml, resolve
-from trainer.errors import StepwiseError
+from trainer.cli.options import config_parser, given, parse_config
+from trainer.core.config import load_saved, read_yaml, resolve
+from trainer.core.errors import StepwiseError
 
 
 def test_precedence_defaults_yaml_flags(tmp_path):
@@ -85,7 +86,7 @@ def test_world_size_enters_the_divisibility_check(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = ["--total_batch_size", "1024", "--mini_batch_size", "4", "--context_length", "256"]
     with pytest.raises(StepwiseError, match="world size"):
-        resolve(build_parser("x", "").parse_args(args))
+        resolve(*given(config_parser("x", "").parse_args(args)))
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -109,7 +110,7 @@ def test_a_runs_saved_config_is_a_valid_config_file(tmp_path):
 
 
 def test_resume_keeps_the_data_and_model_settings():
-    from trainer.config import resumed
+    from trainer.core.config import resumed
 
     saved = parse_config(["--seed", "7", "--max_steps", "100"])
     longer = resumed(saved, {"max_steps": 300, "seed": 7})

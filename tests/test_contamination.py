@@ -1,4 +1,4 @@
-"""trainer.contamination: exact copies and n-gram near-duplicates of held-out prompts in training data."""
+"""trainer.evals.contamination: exact copies and n-gram near-duplicates of held-out prompts in training data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import io
 
 from rich.console import Console
 
-from trainer.contamination import check_prompts_against_records, find_contamination, warn
+from trainer.evals.contamination import (
+    check_prompts_against_records,
+    find_contamination,
+    warn,
+)
 
 LONG = ("Write a short story about a lighthouse keeper who finds a message in a bottle, and end it with "
         "the exact phrase 'the tide always returns'. Use no commas in the first paragraph.")

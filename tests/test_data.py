@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from trainer.data import load_records, split_records
-from trainer.errors import StepwiseError
+from trainer.core.errors import StepwiseError
+from trainer.training.data import load_records, split_records
 
 ALPACA = [
     {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
@@ -102,7 +102,7 @@ def test_split_is_deterministic_and_rounds_val_up():
 
 
 def test_empty_file_folder_and_all_in_validation(tmp_path):
-    from trainer.data import load_train_val
+    from trainer.training.data import load_train_val
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -1,4 +1,4 @@
-"""trainer.demo_data: deterministic, every response passes its constraints, held-out rows stay held out."""
+"""trainer.demo.dataset: deterministic, every response passes its constraints, held-out rows stay held out."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
-from trainer import demo_data, scoring
-from trainer.prompts import load_prompts
+from trainer.demo import dataset as demo_data
+from trainer.evals import scoring
+from trainer.evals.prompts import load_prompts
 
 
 def norm(text: str) -> str:

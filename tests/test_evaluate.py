@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_generate import trained_checkpoint
-from trainer.checkpoint import save_hf, write_json_atomic
+
 from trainer.cli import main as cli_main
-from trainer.config import Config, DataConfig
-from trainer.data import load_train_val
-from trainer.evaluate import heldout_samples
-from trainer.generate import GenerationSettings, load_model
-from trainer.prompts import load_prompts
+from trainer.core.config import Config, DataConfig
+from trainer.core.files import write_json_atomic
+from trainer.evals.heldout import heldout_samples
+from trainer.evals.prompts import load_prompts
+from trainer.inference.generate import GenerationSettings
+from trainer.inference.loading import load_model
+from trainer.training.checkpoint import save_hf
+from trainer.training.data import load_train_val
 
 ROOT = Path(__file__).resolve().parents[1]
 IFEVAL = ROOT.parent / "shared" / "data" / "ifeval" / "input_data.jsonl"

@@ -1,4 +1,4 @@
-"""trainer.generate on a real tiny Llama, trained for a few seconds so its answers vary by prompt."""
+"""trainer.inference.generate on a real tiny Llama, trained for a few seconds so its answers vary by prompt."""
 
 from __future__ import annotations
 
@@ -8,12 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.batching import collate, tokenize
-from trainer.checkpoint import save_hf
-from trainer.errors import StepwiseError
-from trainer.generate import (Generation, GenerationSettings, _answer, generate_batch, load_model, prompt_ids,
-                              stream)
-from trainer.models import build_demo_model, build_demo_tokenizer
+from trainer.core.errors import StepwiseError
+from trainer.inference.generate import (
+    Generation,
+    GenerationSettings,
+    _answer,
+    generate_batch,
+    prompt_ids,
+    stream,
+)
+from trainer.inference.loading import load_model
+from trainer.training.batching import collate, tokenize
+from trainer.training.checkpoint import save_hf
+from trainer.training.models import build_demo_model, build_demo_tokenizer
 
 PAIRS = [
     ("Name a fruit.", "An apple."), ("Name a colour.", "Blue."), ("Reverse: a b c", "c b a"),
@@ -169,7 +176,7 @@ def test_load_model_reads_a_run_checkpoint(tiny, tmp_path):
     save_hf(tiny.model, tiny.tokenizer, step)
     loaded = load_model(step, device="cpu")
     assert loaded.info is not None and loaded.info.step == 10 and loaded.info.run == "run"
-    assert loaded.label.startswith("run / step 10")
+    assert loaded.label.startswith("run · step 10")
     assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
     assert loaded.nbytes == sum(p.numel() * 4 for p in loaded.model.parameters()) + sum(
         b.numel() * b.element_size() for b in loaded.model.buffers())

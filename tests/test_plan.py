@@ -4,8 +4,8 @@ import json
 import random
 
 from tests.conftest import ROOT, run_trainer
-from trainer.config import parse_config
-from trainer.plan import count
+from trainer.cli.options import parse_config
+from trainer.training.plan import count
 
 
 def test_seed_arithmetic():

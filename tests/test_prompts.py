@@ -1,4 +1,4 @@
-"""trainer.prompts.load_prompts: IFEval's file unchanged, the optional fields, and each bad input."""
+"""trainer.evals.prompts.load_prompts: IFEval's file unchanged, the optional fields, and each bad input."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.errors import StepwiseError
-from trainer.prompts import load_prompts
+from trainer.core.errors import StepwiseError
+from trainer.evals.prompts import load_prompts
 
 IFEVAL_INPUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ifeval" / "input_data.jsonl"
 

@@ -21,10 +21,11 @@ import torch
 from app import repl
 from app.chatio import ScriptedChatIO
 from app.session import CompareSession, ModelCache
-from trainer.batching import collate, tokenize
-from trainer.checkpoint import CheckpointInfo, RunInfo, save_hf
-from trainer.generate import GenerationSettings
-from trainer.models import build_demo_model, build_demo_tokenizer
+from trainer.core.catalog import CheckpointInfo, RunInfo
+from trainer.inference.generate import GenerationSettings
+from trainer.training.batching import collate, tokenize
+from trainer.training.checkpoint import save_hf
+from trainer.training.models import build_demo_model, build_demo_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWERS = {10: "alpha beta gamma delta.", 20: "THE SEA IS VERY BLUE TODAY."}

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import score_cmd
-from trainer.errors import StepwiseError
+from trainer.cli import score as score_cmd
+from trainer.core.errors import StepwiseError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""trainer.scoring: IFEval strict/loose against the paper's GPT-4 figures, substituted kwargs, literal examples,
+"""trainer.evals.scoring: IFEval strict/loose against the paper's GPT-4 figures, substituted kwargs, literal examples,
 aggregates."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer import scoring
-from trainer.prompts import HeldoutPrompt, load_prompts
-from trainer.score_cmd import load_responses
+from trainer.cli.score import load_responses
+from trainer.evals import registry, scoring
+from trainer.evals.prompts import HeldoutPrompt, load_prompts
 
 IFEVAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ifeval"
 
@@ -59,7 +59,7 @@ def test_gpt4_reproduces_the_papers_figures_and_lists_the_substituted_checks(gpt
 def test_the_seeded_letter_is_one_that_reproduces_the_paper():
     # c, g, h, p, u, v, w are the letters that fail 1122 and pass 1129 on GPT-4's responses.
     for bad in ("#", "!"):
-        checker = scoring.build_checker("keywords:letter_frequency",
+        checker = registry.build_checker("keywords:letter_frequency",
                                         {"letter": bad, "let_frequency": 4, "let_relation": "at least"})
         assert checker.get_instruction_args()["letter"] == "p"
 
@@ -67,22 +67,22 @@ def test_the_seeded_letter_is_one_that_reproduces_the_paper():
 def test_substituted_kwargs_are_listed_and_still_checked():
     ids = ["keywords:letter_frequency"]
     kw = {"letter": "#", "let_frequency": 1000, "let_relation": "less than"}
-    assert scoring.unhonoured_kwargs(ids[0], kw) == ["letter"]
+    assert registry.unhonoured_kwargs(ids[0], kw) == ["letter"]
     r = scoring.score_response(prompt(ids, [kw]), "Hello world. #tag")
     # Fewer than 1000 of any letter: the check passes whatever letter was drawn.
     assert (r["strict"], r["loose"], r["unverified"]) == ([True], [True], ["keywords:letter_frequency"])
-    assert scoring.unhonoured_kwargs("keywords:letter_frequency",
+    assert registry.unhonoured_kwargs("keywords:letter_frequency",
                                      {"letter": "x", "let_frequency": -1, "let_relation": "at least"}) == ["let_frequency"]
-    assert scoring.unhonoured_kwargs("keywords:existence", {"keywords": []}) == ["keywords"]
+    assert registry.unhonoured_kwargs("keywords:existence", {"keywords": []}) == ["keywords"]
 
 
 def test_values_the_checker_only_normalises_count_as_honoured():
-    assert scoring.unhonoured_kwargs("keywords:letter_frequency",
+    assert registry.unhonoured_kwargs("keywords:letter_frequency",
                                      {"letter": "A", "let_frequency": 2, "let_relation": "at least"}) == []
-    assert scoring.unhonoured_kwargs("keywords:existence", {"keywords": ["zeta", "alpha"]}) == []
-    assert scoring.unhonoured_kwargs("keywords:forbidden_words", {"forbidden_words": ["b", "a", "b"]}) == []
-    assert scoring.unhonoured_kwargs("startend:end_checker", {"end_phrase": " Bye now. "}) == []
-    assert scoring.unhonoured_kwargs("length_constraints:nth_paragraph_first_word",
+    assert registry.unhonoured_kwargs("keywords:existence", {"keywords": ["zeta", "alpha"]}) == []
+    assert registry.unhonoured_kwargs("keywords:forbidden_words", {"forbidden_words": ["b", "a", "b"]}) == []
+    assert registry.unhonoured_kwargs("startend:end_checker", {"end_phrase": " Bye now. "}) == []
+    assert registry.unhonoured_kwargs("length_constraints:nth_paragraph_first_word",
                                      {"num_paragraphs": 2, "nth_paragraph": 1, "first_word": "Hello"}) == []
     r = scoring.score_response(prompt(["keywords:letter_frequency"],
                                       [{"letter": "A", "let_frequency": 2, "let_relation": "at least"}]), "a banana")
@@ -92,10 +92,10 @@ def test_values_the_checker_only_normalises_count_as_honoured():
 def test_random_draws_are_seeded_and_leave_the_callers_random_state_alone():
     letters = []
     for outside_seed in (1, 2):
-        scoring._build_checker.cache_clear()
+        registry._build_checker.cache_clear()
         random.seed(outside_seed)
         state = random.getstate()
-        checker = scoring.build_checker("keywords:letter_frequency",
+        checker = registry.build_checker("keywords:letter_frequency",
                                         {"letter": "#", "let_frequency": 4, "let_relation": "at least"})
         assert random.getstate() == state
         letters.append(checker.get_instruction_args()["letter"])

@@ -7,11 +7,11 @@ import threading
 
 import pytest
 import torch
+from test_generate import trained_checkpoint
 
 from app.session import CompareSession, ModelCache
-from test_generate import trained_checkpoint
-from trainer.errors import StepwiseError
-from trainer.generate import GenerationSettings, generate_batch
+from trainer.core.errors import StepwiseError
+from trainer.inference.generate import GenerationSettings, generate_batch
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_two_sides_stream_together_and_keep_their_histories(root):
         assert side.history == [{"role": "user", "content": "Name a fruit."},
                                 {"role": "assistant", "content": expected.text}]
         assert side.last.text == expected.text and side.error is None
-        assert side.label.startswith("run / step")
+        assert side.label.startswith("run · step")
 
     list(session.stream_all("Name a colour."))
     assert [len(s.history) for s in session.sides] == [4, 4]

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import ROOT, run_trainer
-from trainer.checkpoint import list_steps, rotate, step_dir_name
+from trainer.core.catalog import list_steps, step_dir_name
+from trainer.training.checkpoint import rotate
 
 FAST = ["--demo_records", "300", "--context_length", "96", "--mini_batch_size", "4", "--eval_max_batches", "2",
         "--progress", "false", "--use_tensorboard", "false", "--learning_rate", "3e-3", "--warmup_ratio", "0.1",

@@ -7,8 +7,15 @@ import threading
 
 import pytest
 
-from app.votes import BASE_RATING, Vote, VoteStore, bradley_terry, ratings, ratings_table
-from trainer.errors import StepwiseError
+from app.votes import (
+    BASE_RATING,
+    Vote,
+    VoteStore,
+    bradley_terry,
+    ratings,
+    ratings_table,
+)
+from trainer.core.errors import StepwiseError
 
 
 def test_append_and_read_back_without_personal_data(tmp_path):

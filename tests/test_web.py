@@ -16,9 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from app.web_common import (WebConfig, inside_root, checkpoint_choices, default_picks, resolve_checkpoint, resolve_run,
-                            scores_html)
-from trainer.errors import StepwiseError
+from app.web_common import (
+    WebConfig,
+    checkpoint_choices,
+    default_picks,
+    inside_root,
+    resolve_checkpoint,
+    resolve_run,
+    scores_html,
+)
+from trainer.core.errors import StepwiseError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,11 +44,12 @@ def make_demo_root(root: Path, steps=(10, 20, 30), run: str = "demo") -> Path:
     """root/<run>/ with config.yaml, training_metrics.json, step folders (tiny random Llamas with
     trainer_state.json and samples.jsonl) and final/ (a copy of the best); also root/prompts.jsonl.
     The layout of design section 3, made without training so these tests run in seconds."""
-    from trainer.checkpoint import save_hf, step_dir_name, write_final
-    from trainer.config import Config
-    from trainer.models import build_demo_model, build_demo_tokenizer
-    from trainer.prompts import load_prompts
-    from trainer.scoring import score_response
+    from trainer.core.catalog import step_dir_name
+    from trainer.core.config import Config
+    from trainer.evals.prompts import load_prompts
+    from trainer.evals.scoring import score_response
+    from trainer.training.checkpoint import save_hf, write_final
+    from trainer.training.models import build_demo_model, build_demo_tokenizer
 
     run_dir = root / run
     run_dir.mkdir(parents=True)
@@ -176,7 +184,7 @@ def test_catalogue_lists_every_checkpoint_grouped_with_best(demo_root):
     values = [v for _, v in choices]
     assert {"demo/step-000010", "demo/step-000020", "demo/step-000030", "demo/final", "broken/step-000010"} == set(values)
     demo = [label for label, v in choices if v.startswith("demo/")]
-    assert demo[0].startswith("demo / step 10 val 3.000") and "(best)" in demo[1] and demo[-1].startswith("demo / final")
+    assert demo[0].startswith("demo · step 10 · val 3.000") and "· best" in demo[1] and demo[-1].startswith("demo · final")
     runs = [v.split("/")[0] for v in values]
     assert runs == sorted(runs, key=runs.index)  # each run's checkpoints together
     assert default_picks([(v, v) for v in ["r/step-000010", "r/step-000020", "r/step-000030", "r/final"]], 2) == \
@@ -191,8 +199,13 @@ def test_catalogue_lists_every_checkpoint_grouped_with_best(demo_root):
 
 def test_timeline_training_and_scores_render(demo_root):
     from app.web_timeline import prompt_choices, timeline_html
-    from app.web_training import checkpoint_rows, loss_figure, plan_text, status_markdown
-    from trainer.checkpoint import read_run
+    from app.web_training import (
+        checkpoint_rows,
+        loss_figure,
+        plan_text,
+        status_markdown,
+    )
+    from trainer.core.catalog import read_run
 
     run_dir = demo_root / "demo"
     assert [k for _, k in prompt_choices(run_dir)] == ["lower", "words"]
@@ -266,7 +279,7 @@ def test_cli_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path, case, expe
 
 def test_api_lists_and_compares_checkpoints(client):
     listed = {c["value"]: c["label"] for c in client.predict(api_name="/checkpoints")}
-    assert "demo/step-000020" in listed and "(best)" in listed["demo/step-000020"]
+    assert "demo/step-000020" in listed and "· best" in listed["demo/step-000020"]
     out = client.predict(prompt="Name three colours.", checkpoints=["demo/step-000010", "demo/step-000030"],
                          max_new_tokens=500, api_name="/compare")
     assert [o["checkpoint"] for o in out] == ["demo/step-000010", "demo/step-000030"]
@@ -411,14 +424,19 @@ def test_compare_handlers_turns_regenerate_stop_votes_clear(demo_root, tmp_path)
 
 def test_real_trainer_run_lists_and_renders(tiny_run):
     from app.web_timeline import prompt_choices, timeline_html
-    from app.web_training import checkpoint_rows, loss_figure, plan_text, status_markdown
-    from trainer.checkpoint import read_run
+    from app.web_training import (
+        checkpoint_rows,
+        loss_figure,
+        plan_text,
+        status_markdown,
+    )
+    from trainer.core.catalog import read_run
 
     root = tiny_run.parent.resolve()
     choices = checkpoint_choices(root)
     values = [v for _, v in choices]
     assert values == ["tiny/step-000010", "tiny/step-000020", "tiny/step-000030", "tiny/final"]
-    assert sum("(best)" in label for label, _ in choices) == 1
+    assert sum("· best" in label for label, _ in choices) == 1
     assert default_picks(choices, 2) == ["tiny/step-000010", "tiny/step-000030"]
     keys = [k for _, k in prompt_choices(tiny_run)]
     assert keys, "the trainer stored no held-out samples"

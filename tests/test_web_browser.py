@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_web import Server, make_demo_root
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -82,11 +81,11 @@ def test_compare_two_checkpoints_vote_and_ratings(page, root, server):
     page.click("#pick-1 input")
     page.locator("#pick-1 li[role=option]", has_text="step 40").wait_for()
     page.keyboard.press("Escape")
-    pick(page, 0, "demo / step 10")
-    pick(page, 1, "demo / step 20 val 2.500 (best)")
+    pick(page, 0, "demo · step 10")
+    pick(page, 1, "demo · step 20 · val 2.500 · best")
     page.locator("#n-sides").get_by_text("3").click()  # a third column, on a checkpoint that cannot load
     page.locator("#pick-2 input").wait_for(state="visible")
-    pick(page, 2, "broken / step 10")
+    pick(page, 2, "broken · step 10")
     shot(page, "1-picked")
 
     page.click("#draw")

@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from trainer.checkpoint import METRICS_FILE, write_json_atomic
-from trainer.config import METRICS
-from trainer.errors import StepwiseError
+from trainer.core.catalog import METRICS_FILE
+from trainer.core.config import METRICS
+from trainer.core.errors import StepwiseError
+from trainer.core.files import write_json_atomic
 
 IMPROVING, PLATEAU, OVERFITTING = "improving", "plateau", "overfitting"
 

@@ -1,6 +1,6 @@
-"""Generation from checkpoints: loading, batched generation for scoring, streaming for the front ends.
+"""Generation: batched for scoring, streaming for the front ends (loading is trainer.inference.loading).
 
-One code path for everyone (design section 1): the trainer's held-out samples, `trainer eval`, the
+One code path for everyone: the trainer's held-out samples, `trainer eval`, the
 web app and the REPL all format with the chat template saved beside the weights and decode with the
 same rules, so an answer seen in the app is the answer that was scored.
 
@@ -18,24 +18,22 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessorList,
-                          RepetitionPenaltyLogitsProcessor, StoppingCriteriaList, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from trainer.batching import ensure_chat_template
-from trainer.checkpoint import STEP_RE, WEIGHT_FILES, CheckpointInfo, read_run
-from trainer.errors import StepwiseError
-from trainer.models import from_pretrained
+from trainer.core.errors import StepwiseError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # End-of-turn tokens of common chat templates; whichever the tokenizer knows also ends an answer.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
-# transformers resolves model classes through lazy imports that are not thread-safe: the app's
-# sides load at the same time, so loads take turns (they share the disk and cores anyway).
-_LOAD_LOCK = threading.Lock()
 
 
 @dataclass
@@ -88,107 +86,6 @@ class Generation:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass
-class LoadedModel:
-    path: Path
-    model: object
-    tokenizer: object
-    info: CheckpointInfo | None = None
-
-    @property
-    def label(self) -> str:
-        return self.info.label if self.info is not None else str(self.path)
-
-    @property
-    def nbytes(self) -> int:
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-# --- loading -------------------------------------------------------------------------------------
-
-def _checkpoint_info(path: Path) -> CheckpointInfo | None:
-    """What the run recorded about a step folder or final/, when the folder sits in a run."""
-    if not (STEP_RE.match(path.name) or path.name == "final"):
-        return None
-    try:
-        run = read_run(path.parent)
-    except (OSError, ValueError):  # a damaged training_metrics.json must not stop a model loading
-        return None
-    return next((c for c in run.checkpoints if c.path.resolve() == path.resolve()), None)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_device(name: str | None, flag: str = "--device") -> str:
-    """The device to run on (default_device() for None), or a StepwiseError naming flag when torch
-    does not know the name or this machine does not have that device."""
-    if name is None:
-        return default_device()
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):  # torch: "Expected one of cpu, cuda, ... device type at start of ..."
-        raise StepwiseError(f"{flag} {name}: not a device (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise StepwiseError(f"{flag} {name}: no CUDA device on this machine (use --device cpu)")
-        if device.index is not None and device.index >= count:
-            raise StepwiseError(f"{flag} {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise StepwiseError(f"{flag} {name}: no MPS device on this machine (use --device cpu)")
-    elif device.type != "cpu":
-        raise StepwiseError(f"{flag} {name}: not supported here (cpu, cuda, cuda:N or mps)")
-    return name
-
-
-def is_hub_id(name: str) -> bool:
-    """"org/name" is a hub id unless it exists or "org" is a local folder (then a mistyped
-    checkpoint path fails at once, not after the hub client's retries)."""
-    p = Path(name)
-    return not (p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1 or p.parent.is_dir())
-
-
-def check_model_folder(path: str | Path) -> None:
-    """A StepwiseError naming the folder unless it holds a config, weights and a tokenizer."""
-    p = Path(path)
-    if not p.is_dir():
-        raise StepwiseError(f"{path}: no such checkpoint folder")
-    if not (p / "config.json").is_file():
-        raise StepwiseError(f"{path}: no config.json (not a Hugging Face model folder)")
-    if not any((p / w).is_file() for w in WEIGHT_FILES):
-        raise StepwiseError(f"{path}: no model weights ({WEIGHT_FILES[0]})")
-    if not any((p / t).is_file() for t in TOKENIZER_FILES):
-        raise StepwiseError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-
-
-def load_model(path: str | Path, device: str | None = None) -> LoadedModel:
-    """A step folder, final/, any Hugging Face folder or hub id, in eval mode with its own tokenizer
-    and chat template. A folder that lacks weights or a tokenizer is a StepwiseError naming it."""
-    p = Path(path)
-    name = str(path)
-    if not is_hub_id(name):
-        check_model_folder(p)
-    device = device or default_device()
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    with _LOAD_LOCK:
-        tokenizer, model = _from_pretrained(name, dtype)
-    ensure_chat_template(tokenizer)
-    model.to(device).eval()
-    model.requires_grad_(False)
-    return LoadedModel(p, model, tokenizer, _checkpoint_info(p) if p.is_dir() else None)
-
-
-def _from_pretrained(name: str, dtype: torch.dtype):
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, flag="")
-    model = from_pretrained(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=dtype, use_safetensors=True),
-                            name, flag="")
-    return tokenizer, model
-
-
 # --- shared pieces -------------------------------------------------------------------------------
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -205,7 +102,7 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 def prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
     """Token ids of a conversation ending with a user turn, with the template's answer opening;
-    rendered then tokenized without extra specials, exactly as trainer.batching does for training."""
+    rendered then tokenized without extra specials, exactly as trainer.training.batching does for training."""
     if not conversation or conversation[-1].get("role") != "user":
         raise StepwiseError("a conversation to answer must end with a user turn")
     text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from trainer.batching import ensure_chat_template, render
-from trainer.errors import StepwiseError
+from trainer.core.chat import ensure_chat_template, render
+from trainer.core.errors import StepwiseError
+from trainer.inference.loading import from_pretrained
 
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -51,27 +50,6 @@ def demo_texts(records: list[dict]) -> list[str]:
     """Raw text to train the demo tokenizer on: every turn plus the template's headings."""
     texts = [m["content"] for r in records for m in r["messages"]]
     return texts + ["### Instruction:\n", "### Response:\n"]
-
-
-def from_pretrained(loader, name: str, flag: str = "--pretrained_model"):
-    """loader(name) (an AutoX.from_pretrained) with Hugging Face's progress bars off, since they
-    would land in our log, the REPL and the eval display, and its errors as one line naming it."""
-    from transformers.utils import logging
-
-    label = f"{flag} {name}" if flag else name
-    path = Path(name)
-    if path.exists() and not (path / "config.json").is_file():
-        raise StepwiseError(f"{label}: no config.json (not a Hugging Face model folder)")
-    bars = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        return loader(name)
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise StepwiseError(f"{label}: could not load ({first})") from None
-    finally:
-        if bars:
-            logging.enable_progress_bar()
 
 
 def load_pretrained_tokenizer(name: str):

@@ -1,25 +1,27 @@
 """Run configuration: one dataclass per concern, defaults < YAML (`--config`) < CLI flags.
 
 Every field is also a flag of the same name (`--learning_rate 3e-4`). A YAML file may be flat or
-grouped under any section names (`training:`, `data:` ...); keys are looked up by name, and the
-Hugging Face TrainingArguments spellings of the second seed note (`num_train_epochs`, `eval_steps`,
-`save_steps`, ...) are accepted as aliases. The resolved config is saved with every run.
+grouped under any section names (`training:`, `data:` ...); keys are looked up by name, and
+Hugging Face TrainingArguments spellings (`num_train_epochs`, `eval_steps`, `save_steps`, ...) are
+accepted as aliases, so a YAML block written for HF Trainer loads as written. The resolved config is
+saved with every run. The flags themselves are built by trainer.cli.options.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import inspect
 import math
 import os
 import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from trainer.errors import StepwiseError
+from trainer.core.catalog import list_runs
+from trainer.core.errors import StepwiseError
+from trainer.core.resources import data_path
 
 # Metrics a best model can be chosen by, and whether higher is better. The IF metrics and rougeL
 # come from held-out generations at each checkpoint (`eval_prompts`).
@@ -33,14 +35,16 @@ METRICS = {
 }
 
 
+def arg(default, help: str):
+    """A config field with its one-line doc (the flag's --help, via HfArgumentParser)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    pretrained_model: str = "demo"
-    """`demo` (build the embedded tokenizer and tiny Llama), a Hugging Face folder, a hub id, or a Stepwise checkpoint."""
-    dtype: str = "auto"
-    """`auto` (bf16 autocast on CUDA, fp32 on CPU), `bf16` or `fp32`."""
-    compile: bool = False
-    """Wrap the model in torch.compile."""
+    pretrained_model: str = arg("demo", "`demo` (build the embedded tokenizer and tiny Llama), a Hugging Face folder, a hub id, or a Stepwise checkpoint.")
+    dtype: str = arg("auto", "`auto` (bf16 autocast on CUDA, fp32 on CPU), `bf16` or `fp32`.")
+    compile: bool = arg(False, "Wrap the model in torch.compile.")
 
     def __post_init__(self):
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -49,18 +53,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "demo"
-    """`demo` (the generated dataset), a .json/.jsonl/.parquet/.csv file, or a hub dataset id."""
-    val_dataset: str | None = None
-    """An explicit validation file or hub id; otherwise `val_fraction` of `dataset` is held out."""
-    val_fraction: float = 0.05
-    """Share of the dataset held out for validation (seeded, deterministic)."""
-    context_length: int = 256
-    """Tokens per example; longer examples are truncated (prompt-only ones dropped)."""
-    strict: bool = False
-    """Reject the first malformed record with file:line instead of skipping it."""
-    demo_records: int = 30000
-    """Records generated for the `demo` dataset."""
+    dataset: str = arg("demo", "`demo` (the generated dataset), a .json/.jsonl/.parquet/.csv file, or a hub dataset id.")
+    val_dataset: str | None = arg(None, "An explicit validation file or hub id; otherwise `val_fraction` of `dataset` is held out.")
+    val_fraction: float = arg(0.05, "Share of the dataset held out for validation (seeded, deterministic).")
+    context_length: int = arg(256, "Tokens per example; longer examples are truncated (prompt-only ones dropped).")
+    strict: bool = arg(False, "Reject the first malformed record with file:line instead of skipping it.")
+    demo_records: int = arg(30000, "Records generated for the `demo` dataset.")
 
     def __post_init__(self):
         if not 0.0 <= self.val_fraction < 1.0:
@@ -73,26 +71,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    max_steps: int | None = None
-    """Optimizer steps to run; overrides num_epochs when both are set."""
-    num_epochs: float | None = None
-    """Epochs to run when max_steps is not set (default 1)."""
-    learning_rate: float = 2e-5
-    """Peak AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (not applied to biases and norms)."""
-    warmup_ratio: float = 0.03
-    """Share of the steps spent warming up linearly, then cosine decay."""
-    min_lr_ratio: float = 0.1
-    """Cosine decay ends at learning_rate x min_lr_ratio."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm (0 turns clipping off)."""
-    mini_batch_size: int = 8
-    """Examples per forward pass on each process."""
-    total_batch_size: int | None = None
-    """Tokens per optimizer step; accumulation = total / (mini_batch_size x context_length x world size)."""
-    seed: int = 42
-    """Seed for the split, the shuffling, the model init and everything else random."""
+    max_steps: int | None = arg(None, "Optimizer steps to run; overrides num_epochs when both are set.")
+    num_epochs: float | None = arg(None, "Epochs to run when max_steps is not set (default 1).")
+    learning_rate: float = arg(2e-5, "Peak AdamW learning rate.")
+    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms).")
+    warmup_ratio: float = arg(0.03, "Share of the steps spent warming up linearly, then cosine decay.")
+    min_lr_ratio: float = arg(0.1, "Cosine decay ends at learning_rate x min_lr_ratio.")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm (0 turns clipping off).")
+    mini_batch_size: int = arg(8, "Examples per forward pass on each process.")
+    total_batch_size: int | None = arg(None, "Tokens per optimizer step; accumulation = total / (mini_batch_size x context_length x world size).")
+    seed: int = arg(42, "Seed for the split, the shuffling, the model init and everything else random.")
 
     def __post_init__(self):
         for name in ("max_steps", "mini_batch_size", "total_batch_size"):
@@ -115,22 +103,14 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    eval_freq: int = 100
-    """Steps between validation-loss evaluations."""
-    eval_max_batches: int | None = None
-    """Bound validation to this many mini batches (a fixed subset); None uses the whole set."""
-    eval_prompts: str | None = None
-    """Held-out prompt file generated on and scored at every checkpoint (samples.jsonl)."""
-    eval_num_prompts: int = 32
-    """How many held-out prompts (the first N) to generate on at each checkpoint."""
-    eval_max_new_tokens: int = 96
-    """Generation length for the held-out prompts."""
-    metric_for_best_model: str = "val_loss"
-    """What picks the best checkpoint and drives early stopping: val_loss, an IF metric or rougeL."""
-    early_stopping_patience: int | None = None
-    """Stop after this many evaluations without an improvement larger than the threshold."""
-    early_stopping_threshold: float = 0.0
-    """The absolute improvement over the best so far that counts as one."""
+    eval_freq: int = arg(100, "Steps between validation-loss evaluations.")
+    eval_max_batches: int | None = arg(None, "Bound validation to this many mini batches (a fixed subset); None uses the whole set.")
+    eval_prompts: str | None = arg(None, "Held-out prompt file generated on and scored at every checkpoint (samples.jsonl).")
+    eval_num_prompts: int = arg(32, "How many held-out prompts (the first N) to generate on at each checkpoint.")
+    eval_max_new_tokens: int = arg(96, "Generation length for the held-out prompts.")
+    metric_for_best_model: str = arg("val_loss", "What picks the best checkpoint and drives early stopping: val_loss, an IF metric or rougeL.")
+    early_stopping_patience: int | None = arg(None, "Stop after this many evaluations without an improvement larger than the threshold.")
+    early_stopping_threshold: float = arg(0.0, "The absolute improvement over the best so far that counts as one.")
 
     def __post_init__(self):
         if self.metric_for_best_model == "eval_loss":  # Hugging Face's name for the same thing
@@ -152,12 +132,9 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    checkpoint_freq: int = 500
-    """Steps between checkpoints (step-NNNNNN/)."""
-    save_total_limit: int | None = None
-    """Keep at most this many checkpoints: the best plus the newest others (None keeps all)."""
-    load_best_model_at_end: bool = True
-    """Write the best checkpoint (by metric_for_best_model) to final/ at the end."""
+    checkpoint_freq: int = arg(500, "Steps between checkpoints (step-NNNNNN/).")
+    save_total_limit: int | None = arg(None, "Keep at most this many checkpoints: the best plus the newest others (None keeps all).")
+    load_best_model_at_end: bool = arg(True, "Write the best checkpoint (by metric_for_best_model) to final/ at the end.")
 
     def __post_init__(self):
         if self.checkpoint_freq <= 0:
@@ -168,18 +145,12 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
-    output_dir: str = "checkpoints"
-    """Folder that holds one folder per run."""
-    run_name: str | None = None
-    """Run folder name; default: the config's name and the start time (with --resume: the newest run)."""
-    resume: bool = False
-    """Continue the run from its newest complete checkpoint."""
-    use_tensorboard: bool = True
-    """Write TensorBoard event files under <run>/tensorboard/."""
-    log_freq: int = 10
-    """Steps between train-loss log entries."""
-    progress: bool = True
-    """Show the rich progress bar (off when stdout is not a terminal)."""
+    output_dir: str = arg("checkpoints", "Folder that holds one folder per run.")
+    run_name: str | None = arg(None, "Run folder name; default: the config's name and the start time (with --resume: the newest run).")
+    resume: bool = arg(False, "Continue the run from its newest complete checkpoint.")
+    use_tensorboard: bool = arg(True, "Write TensorBoard event files under <run>/tensorboard/.")
+    log_freq: int = arg(10, "Steps between train-loss log entries.")
+    progress: bool = arg(True, "Show the rich progress bar (off when stdout is not a terminal).")
 
     def __post_init__(self):
         if self.log_freq <= 0:
@@ -195,7 +166,7 @@ SECTIONS = {
     "run": RunConfig,
 }
 
-# Hugging Face TrainingArguments spellings (the second seed note's YAML) -> Stepwise names.
+# Hugging Face TrainingArguments spellings -> Stepwise names.
 ALIASES = {
     "num_train_epochs": "num_epochs",
     "eval_steps": "eval_freq",
@@ -216,8 +187,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    config_name: str = "default"
-    """Stem of the YAML file it came from, used in the default run name."""
+    config_name: str = arg("default", "Stem of the YAML file it came from, used in the default run name.")
 
     @property
     def world_size(self) -> int:
@@ -258,16 +228,14 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _fields() -> dict[str, tuple[str, dataclasses.Field]]:
+def config_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     """Every flag name -> (section, field)."""
     return {f.name: (section, f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
-def _base_type(annotation) -> tuple[type, bool]:
-    """(int|float|str|bool, optional?) of a field annotation such as `int | None`."""
-    hint = annotation
-    if isinstance(hint, str):
-        hint = eval(hint, {}, {})  # annotations are postponed strings: `int | None`
+def _base_type(cls: type, name: str) -> tuple[type, bool]:
+    """(int|float|str|bool, optional?) of a field such as `max_steps: int | None`."""
+    hint = typing.get_type_hints(cls)[name]
     if isinstance(hint, types.UnionType):
         args = [a for a in hint.__args__ if a is not type(None)]
         return args[0], True
@@ -276,8 +244,8 @@ def _base_type(annotation) -> tuple[type, bool]:
 
 def _coerce(name: str, value, where: str):
     """Check a YAML value's type against the field's, naming the key on a mismatch."""
-    _, f = _fields()[name]
-    kind, optional = _base_type(f.type)
+    section, _ = config_fields()[name]
+    kind, optional = _base_type(SECTIONS[section], name)
     if value is None:
         if optional:
             return None
@@ -293,25 +261,6 @@ def _coerce(name: str, value, where: str):
     return float(value) if kind is float else value
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _parse_optional(kind):
-    def parse(text: str):
-        if text.lower() in ("none", "null"):
-            return None
-        return kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def read_yaml(path: str) -> dict:
     """Flat {field: value} from a YAML file, sections flattened and aliases resolved."""
     p = Path(path)
@@ -325,7 +274,7 @@ def read_yaml(path: str) -> dict:
         raise StepwiseError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise StepwiseError(f"{path}: expected a mapping of keys to values")
-    fields = _fields()
+    fields = config_fields()
     flat: dict = {}
 
     def take(key: str, value, section: str | None):
@@ -333,8 +282,6 @@ def read_yaml(path: str) -> dict:
         where = f"{path} ({section})" if section else path
         if name not in fields:
             raise StepwiseError(f"{where}: unknown key {key!r}")
-        if name == "metric_for_best_model" and value == "eval_loss":
-            value = "val_loss"
         flat[name] = _coerce(name, value, where)
 
     for key, value in raw.items():
@@ -348,49 +295,10 @@ def read_yaml(path: str) -> dict:
     return flat
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """A parser with `--config` and one flag per field; unset flags stay absent (argparse.SUPPRESS)."""
-    from trainer.cli import ArgumentParser
-
-    parser = ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="YAML run config (defaults < YAML < flags)")
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section)
-        for f in dataclasses.fields(cls):
-            kind, optional = _base_type(f.type)
-            help_text = _field_doc(cls, f.name)
-            if kind is bool:
-                group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, help=help_text)
-            else:
-                parse = _parse_optional(kind) if optional else kind
-                group.add_argument(f"--{f.name}", type=parse, help=help_text, metavar=kind.__name__.upper())
-    return parser
-
-
-def _field_doc(cls, name: str) -> str:
-    """The docstring under a dataclass field, for --help."""
-    lines = inspect.getsource(cls).splitlines()
-    for i, line in enumerate(lines):
-        if line.strip().startswith(f"{name}:") and i + 1 < len(lines):
-            return lines[i + 1].strip().strip('"')
-    return ""
-
-
 # `python -m trainer train` with no --config is the embedded default: with the demo model, every
 # setting not given comes from this preset (a tiny model from scratch wants other numbers than the
 # dataclass defaults, which suit fine-tuning a pretrained model).
-DEMO_PRESET = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-
-
-def explicit(args: argparse.Namespace) -> tuple[dict, str]:
-    """The values a user gave (YAML file, then flags) and the config's name; defaults not included."""
-    values: dict = {}
-    config_name = "default"
-    if getattr(args, "config", None):
-        values.update(read_yaml(args.config))
-        config_name = Path(args.config).stem
-    values.update({k: v for k, v in vars(args).items() if k != "config" and k in _fields()})
-    return values, config_name
+DEMO_PRESET = data_path("configs/demo.yaml")
 
 
 def with_preset(values: dict, config_name: str) -> tuple[dict, str]:
@@ -398,11 +306,6 @@ def with_preset(values: dict, config_name: str) -> tuple[dict, str]:
     if config_name != "default" or values.get("pretrained_model", "demo") != "demo" or not DEMO_PRESET.is_file():
         return values, config_name
     return {**read_yaml(str(DEMO_PRESET)), **values}, DEMO_PRESET.stem
-
-
-def resolve(args: argparse.Namespace) -> Config:
-    """defaults (or the demo preset) < YAML < flags, validated."""
-    return from_flat(*with_preset(*explicit(args)))
 
 
 # A resumed run keeps what decides its data order and its model: changing any of these would make
@@ -421,12 +324,32 @@ def resumed(saved: Config, given: dict) -> Config:
     return from_flat({**before, **given, "resume": True}, saved.config_name)
 
 
+def saved_run_config(given: dict) -> Path | None:
+    """The config.yaml of the run that --resume continues (--run_name, or the newest run), if any."""
+    out = Path(given.get("output_dir", RunConfig.output_dir))
+    if given.get("run_name"):
+        path = out / given["run_name"] / "config.yaml"
+    else:
+        runs = list_runs(out)
+        path = runs[0].path / "config.yaml" if runs else None
+    return path if path is not None and path.is_file() else None
+
+
+def resolve(given: dict, config_name: str = "default") -> Config:
+    """The one resolution: defaults (or the demo preset) < YAML < flags, validated; with --resume,
+    the run's own saved config < the flags given now, validated against that config."""
+    saved = saved_run_config(given) if given.get("resume") else None
+    if saved is not None:
+        return resumed(load_saved(saved), given)
+    return from_flat(*with_preset(given, config_name))
+
+
 def flatten(cfg: Config) -> dict:
     return {k: v for section in SECTIONS for k, v in dataclasses.asdict(getattr(cfg, section)).items()}
 
 
 def from_flat(values: dict, config_name: str = "default") -> Config:
-    fields = _fields()
+    fields = config_fields()
     per_section: dict[str, dict] = {section: {} for section in SECTIONS}
     for name, value in values.items():
         per_section[fields[name][0]][name] = value
@@ -441,7 +364,3 @@ def load_saved(path: str | Path) -> Config:
     if not isinstance(raw, dict):
         raise StepwiseError(f"{path}: missing or not a saved run config")
     return from_flat(read_yaml(str(path)), raw.get("config_name", "default"))
-
-
-def parse_config(argv: list[str], prog: str = "python -m trainer train", description: str = "") -> Config:
-    return resolve(build_parser(prog, description).parse_args(argv))

@@ -13,35 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.errors import StepwiseError
+from trainer.core.chat import render
+from trainer.core.errors import StepwiseError
 
 IGNORE = -100
-
-# A documented default for tokenizers without a chat template: Alpaca's headings, one turn after
-# another, EOS closing each answer. It is saved with the tokenizer so inference formats as training did.
-ALPACA_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if not loop.first %}{{ '\\n\\n' }}{% endif -%}"
-    "{%- if message['role'] == 'system' %}{{ message['content'] }}"
-    "{%- elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif -%}"
-)
-
-
-def ensure_chat_template(tokenizer) -> None:
-    """Give a tokenizer without a chat template the Alpaca-style one, and a pad token."""
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = ALPACA_TEMPLATE
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
 
 def segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, supervised) pieces: each assistant turn is

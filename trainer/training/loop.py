@@ -1,4 +1,4 @@
-"""`python -m trainer train`: setup -> fit -> finish, read top to bottom.
+"""The training loop: setup -> fit -> finish, read top to bottom (`python -m trainer train` calls train()).
 
 One optimizer step = `grad_accum_steps` micro-batches on each of `world_size` processes. The loss of a
 step is the sum of token losses over the whole accumulated (and distributed) batch divided by its
@@ -21,15 +21,32 @@ import torch
 import torch.distributed as dist
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from trainer import checkpoint as ckpt
-from trainer.batching import collate, micro_batches, padding_efficiency, steps_per_epoch, tokenize
-from trainer.config import METRICS, Config, build_parser, explicit, from_flat, load_saved, resumed, with_preset
-from trainer.data import load_train_val
-from trainer.errors import StepwiseError
-from trainer.metrics import MetricsLog, classify_trend, metrics_path, recommend
-from trainer.models import (build_demo_model, build_demo_tokenizer, check_template, demo_texts, load_pretrained,
-                            load_pretrained_tokenizer)
-from trainer.progress import Reporter
+from trainer.core import catalog
+from trainer.core.config import METRICS, Config
+from trainer.core.errors import StepwiseError
+from trainer.evals.contamination import check_prompts_against_records, warn
+from trainer.evals.heldout import heldout_samples
+from trainer.evals.prompts import load_prompts
+from trainer.inference.generate import GenerationSettings
+from trainer.training import checkpoint as ckpt
+from trainer.training.batching import (
+    collate,
+    micro_batches,
+    padding_efficiency,
+    steps_per_epoch,
+    tokenize,
+)
+from trainer.training.data import load_train_val
+from trainer.training.metrics import MetricsLog, classify_trend, metrics_path, recommend
+from trainer.training.models import (
+    build_demo_model,
+    build_demo_tokenizer,
+    check_template,
+    demo_texts,
+    load_pretrained,
+    load_pretrained_tokenizer,
+)
+from trainer.training.progress import Reporter
 
 
 @dataclass
@@ -66,13 +83,8 @@ class Run:
         return self.cfg.grad_accum_steps * self.world
 
 
-def main(argv: list[str]) -> int:
-    parser = build_parser("python -m trainer train", "Fine-tune a causal LM on instruction data, checkpointing every N steps.")
-    given, name = explicit(parser.parse_args(argv))
-    cfg = from_flat(*with_preset(given, name))
-    if cfg.run.resume and (resolve_run_dir(cfg) / "config.yaml").is_file():
-        # --resume continues the run as it was configured; only what is given now changes.
-        cfg = resumed(load_saved(resolve_run_dir(cfg) / "config.yaml"), given)
+def train(cfg: Config) -> int:
+    """Run a resolved config to its end; the exit code (3 when a non-finite loss stopped it)."""
     run = setup(cfg)
     try:
         fit(run)
@@ -103,7 +115,7 @@ def resolve_run_dir(cfg: Config) -> Path:
     if cfg.run.run_name:
         return out / cfg.run.run_name
     if cfg.run.resume:
-        return ckpt.newest_run(out).path
+        return catalog.newest_run(out).path
     return out / f"{cfg.config_name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
@@ -161,11 +173,11 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
     run_dir = resolve_run_dir(cfg)
     resume_from = None
     if cfg.run.resume:
-        steps = ckpt.list_steps(run_dir)
+        steps = catalog.list_steps(run_dir)
         if not steps:
             raise StepwiseError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-        resume_from = run_dir / ckpt.step_dir_name(steps[-1])
-    elif run_dir.exists() and ckpt.list_steps(run_dir):
+        resume_from = run_dir / catalog.step_dir_name(steps[-1])
+    elif run_dir.exists() and catalog.list_steps(run_dir):
         raise StepwiseError(f"--run_name: {run_dir} already has checkpoints; pass --resume or another --run_name")
 
     random.seed(cfg.optim.seed)
@@ -222,8 +234,6 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
 
     heldout = []
     if cfg.eval.eval_prompts:
-        from trainer.prompts import load_prompts
-
         heldout = load_prompts(cfg.eval.eval_prompts)[: cfg.eval.eval_num_prompts]
         warn_contamination(reporter, heldout, train_records)
 
@@ -240,8 +250,6 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
 
 def warn_contamination(reporter: Reporter, heldout: list, records: list[dict]) -> None:
     """Held-out prompts that also appear in the training data make their scores meaningless: say so."""
-    from trainer.contamination import check_prompts_against_records, warn
-
     if reporter.enabled:
         found = check_prompts_against_records([p.prompt for p in heldout], records, keys=[p.key for p in heldout])
         warn(found, reporter.console, source=f"the training data ({len(records)} records)")
@@ -334,9 +342,6 @@ def heldout_scores(run: Run) -> tuple[list[dict] | None, dict]:
     """Generate on the held-out prompts and score them (rank 0 only; the others wait at the barrier)."""
     if not run.heldout or not run.is_main:
         return None, {}
-    from trainer.evaluate import heldout_samples
-    from trainer.generate import GenerationSettings
-
     run.raw_model.eval()
     settings = GenerationSettings(max_new_tokens=run.cfg.eval.eval_max_new_tokens)
     rows, summary = heldout_samples(run.raw_model, run.tokenizer, run.heldout, settings)
@@ -359,7 +364,7 @@ def save(run: Run, step: int, epoch: float) -> None:
         is_best = value is not None and (best_value is None or (value > best_value if higher else value < best_value))
         if is_best:
             run.log.best = {"step": step, "epoch": round(epoch, 4), "val_loss": entry.get("val_loss"),
-                            "checkpoint": ckpt.step_dir_name(step), "metric": metric, "value": value}
+                            "checkpoint": catalog.step_dir_name(step), "metric": metric, "value": value}
         state = {"step": step, "epoch": epoch, "val_loss": entry.get("val_loss"), "metrics": scores,
                  "best": run.log.best, "early_stopping": asdict(run.log.early_stopping),
                  "data_position": {"epoch": step // run.steps_per_epoch, "step_in_epoch": step % run.steps_per_epoch},
@@ -495,8 +500,3 @@ def finish(run: Run, step: int, saved_at: int | None, evaluated_at: int | None, 
         # final/ can abort in gloo's shutdown ("terminate called without an active exception").
         dist.barrier()
 
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main(sys.argv[1:]))

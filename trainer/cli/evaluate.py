@@ -6,8 +6,8 @@ none means every checkpoint of the newest run under --root. Results (per-prompt 
 go to <run>/eval/<checkpoint>-<key>.json, where the key hashes what decides the answers: the weights
 file's path, size and mtime, the prompt file's content, --limit and the generation settings. A second
 identical evaluation reads that file instead of generating. A PNG of every metric against step is
-written to <run>/eval/metrics.png. The trainer scores its held-out prompts at each checkpoint with
-heldout_samples(), the same function.
+written to <run>/eval/metrics.png. Generation and scoring are trainer.evals.heldout's,
+the path the trainer, the web app and the REPL use too.
 """
 
 from __future__ import annotations
@@ -16,41 +16,34 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.checkpoint import (STEP_RE, WEIGHT_FILES, CheckpointInfo, is_checkpoint, newest_run, read_json,
-                                read_run, write_json_atomic)
-from trainer.cli import ArgumentParser
-from trainer.errors import StepwiseError
-from trainer.generate import (GenerationSettings, check_device, check_model_folder, generate_batch, is_hub_id,
-                              load_model)
-from trainer.scoring import IF_METRICS, SUMMARY_METRICS
+from trainer.cli.args import ArgumentParser
+from trainer.core.catalog import (
+    STEP_RE,
+    CheckpointInfo,
+    is_checkpoint,
+    newest_run,
+    read_run,
+    weights_identity,
+)
+from trainer.core.errors import StepwiseError
+from trainer.core.files import file_sha256, read_json, write_json_atomic
+from trainer.evals.heldout import heldout_samples
+from trainer.evals.report import plot_run, results_table
+from trainer.inference.generate import GenerationSettings
+from trainer.inference.loading import (
+    check_device,
+    check_model_folder,
+    is_hub_id,
+    load_model,
+)
 
 DEFAULT_PROMPTS = "eval_prompts/demo_ifeval.jsonl"
 CACHE_VERSION = 1  # bump when the result file's content or the scoring changes meaning
-
-
-# --- the library function the trainer calls ------------------------------------------------------
-
-def heldout_samples(model, tokenizer, prompts: list, settings: GenerationSettings, batch_size: int = 16,
-                    on_batch: Callable[[int], None] | None = None) -> tuple[list[dict], dict]:
-    """Generate on held-out prompts (batched, as generate_batch) and score each answer. Returns the
-    per-prompt rows (score_response's dict plus `finished` and `new_tokens`) and summarize()'s dict."""
-    from trainer.scoring import score_response, summarize
-
-    conversations = [[{"role": "user", "content": p.prompt}] for p in prompts]
-    generations = generate_batch(model, tokenizer, conversations, settings, batch_size=batch_size, on_batch=on_batch)
-    rows = []
-    for p, g in zip(prompts, generations):
-        row = score_response(p, g.text)
-        row.update(finished=g.finished, new_tokens=g.new_tokens)
-        rows.append(row)
-    return rows, summarize(rows, finished=[g.finished for g in generations])
 
 
 # --- what to evaluate ----------------------------------------------------------------------------
@@ -121,24 +114,6 @@ def expand(specs: list[str], root: str | Path) -> list[Target]:
 
 # --- the result cache ----------------------------------------------------------------------------
 
-def weights_identity(path: str) -> dict:
-    """Path, size and mtime of the weights file: a rewritten checkpoint (final/ gets a new best) is new."""
-    p = Path(path)
-    weights = next((p / w for w in WEIGHT_FILES if (p / w).is_file()), None)
-    if weights is None:
-        return {"model": path}
-    stat = weights.stat()
-    return {"weights": str(weights.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(target: Target, prompts_sha: str, limit: int | None, settings: GenerationSettings, device: str) -> str:
     """What decides the answers. Not the batch size: batched answers equal one-at-a-time ones."""
     spec = {"version": CACHE_VERSION, "model": weights_identity(target.path), "prompts": prompts_sha,
@@ -151,9 +126,9 @@ def cache_key(target: Target, prompts_sha: str, limit: int | None, settings: Gen
 def run_contamination(run_dir: Path, prompts: list, prompts_sha: str, console) -> dict | None:
     """Held-out prompts found in the run's own training split (re-created from config.yaml); cached
     under <run>/eval since re-creating a dataset takes a while. None when it cannot be re-created."""
-    from trainer.config import load_saved
-    from trainer.contamination import check_prompts_against_records
-    from trainer.data import load_train_val
+    from trainer.core.config import load_saved
+    from trainer.evals.contamination import check_prompts_against_records
+    from trainer.training.data import load_train_val
 
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
@@ -181,77 +156,6 @@ def run_contamination(run_dir: Path, prompts: list, prompts_sha: str, console) -
     return found
 
 
-# --- report --------------------------------------------------------------------------------------
-
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
-
-
-def results_table(entries: list[dict], title: str):
-    from rich.table import Table
-
-    table = Table(title=title, caption="IF metrics, rougeL and EOS (answers that ended) in percent")
-    for name, justify in [("run", "left"), ("checkpoint", "left"), ("step", "right"), ("val loss", "right"),
-                          ("prompt strict", "right"), ("prompt loose", "right"), ("inst strict", "right"),
-                          ("inst loose", "right"), ("rougeL", "right"), ("mean len", "right"), ("EOS", "right"),
-                          ("from", "left")]:
-        table.add_column(name, justify=justify, overflow="fold")
-    for e in entries:
-        s = e["summary"]
-        table.add_row(e["run"] or "-", e["checkpoint"], "-" if e["step"] is None else str(e["step"]),
-                      "-" if e["val_loss"] is None else f"{e['val_loss']:.4f}",
-                      *[_pct(s.get(m)) for m in SUMMARY_METRICS],
-                      "-" if s.get("mean_length") is None else f"{s['mean_length']:.1f}", _pct(s.get("eos_rate")),
-                      "cached" if e["cached"] else "new")
-    return table
-
-
-def plot_run(run_dir: Path, entries: list[dict], prompts_name: str) -> Path | None:
-    """<run>/eval/metrics.png: each metric against step for the run's evaluated step checkpoints."""
-    points = sorted((e for e in entries if e["step"] is not None and e["checkpoint"] != "final"),
-                    key=lambda e: e["step"])
-    if not points:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    steps = [e["step"] for e in points]
-    panels = [
-        ("instruction following (%)", [(m, 100) for m in IF_METRICS]),
-        ("ROUGE-L, finished, distinct-2 (%)", [("rougeL", 100), ("eos_rate", 100), ("distinct_2", 100)]),
-        ("mean length (words)", [("mean_length", 1)]),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
-    losses = [e.get("val_loss") for e in points]
-    if any(v is not None for v in losses):  # the loss the run steered by, beside what it generates
-        twin = axes[-1].twinx()
-        twin.plot(steps, losses, marker="s", linestyle="--", color="grey", label="val_loss")
-        twin.set_ylabel("val loss")
-        twin.legend(fontsize=8, loc="lower right")
-    for ax, (title, metrics) in zip(axes, panels):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for metric, scale in metrics:
-            values = [e["summary"].get(metric) for e in points]
-            if any(v is not None for v in values):
-                ax.plot(steps, [None if v is None else v * scale for v in values], marker="o", label=metric)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(f"{run_dir.name} on {prompts_name}")
-    fig.tight_layout()
-    out = run_dir / "eval" / "metrics.png"
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
-
-
 # --- the command ---------------------------------------------------------------------------------
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -276,10 +180,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    from trainer.contamination import warn
-    from trainer.prompts import load_prompts
+    from trainer.evals.contamination import warn
+    from trainer.evals.prompts import load_prompts
 
     args = parse_args(argv)
     # Everything a user can get wrong is checked here, before a model loads or a file is written.

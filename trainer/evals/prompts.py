@@ -8,13 +8,13 @@ load time so that a long evaluation never dies on its last prompt.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer import scoring
-from trainer.errors import StepwiseError
+from trainer.core.errors import StepwiseError, first_line
+from trainer.core.files import read_jsonl
+from trainer.evals import registry
 
 
 @dataclass
@@ -50,18 +50,17 @@ def _optional_str(row: dict[str, Any], name: str, where: str) -> str | None:
 def check_instruction(instruction_id: str, kwargs: dict[str, Any], prompt: str, where: str) -> None:
     """A StepwiseError starting with `where` unless IFEval knows the instruction id, every kwarg its
     checker needs is given (not None), and the checker accepts them: checked before any scoring."""
-    if instruction_id not in scoring.instruction_registry():
+    if instruction_id not in registry.instruction_registry():
         raise StepwiseError(f"{where}: unknown instruction id {instruction_id!r} (not in IFEval's registry)")
     given = {k for k, v in kwargs.items() if v is not None}
-    missing = [k for k in scoring.required_kwargs(instruction_id) if k not in given]
+    missing = [k for k in registry.required_kwargs(instruction_id) if k not in given]
     if missing:
         # Without them the checker would silently check against values it makes up.
         raise StepwiseError(f"{where}: {instruction_id} needs kwargs {', '.join(missing)}")
     try:
-        scoring.build_checker(instruction_id, kwargs, prompt)
+        registry.build_checker(instruction_id, kwargs, prompt)
     except Exception as err:  # the checkers raise TypeError, ValueError, KeyError, ... for bad kwargs
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise StepwiseError(f"{where}: {instruction_id} rejects kwargs {_short(kwargs)}: {reason}") from None
+        raise StepwiseError(f"{where}: {instruction_id} rejects kwargs {_short(kwargs)}: {first_line(err)}") from None
 
 
 def _instructions(row: dict[str, Any], where: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -101,28 +100,6 @@ def _parse(row: Any, line: int, where: str) -> HeldoutPrompt:
         category=_optional_str(row, "category", where),
         line=line,
     )
-
-
-def read_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, str, object]]:
-    """(line number, "file:line", parsed value) for every non-blank line of a JSON Lines file; an
-    unreadable file or an invalid line is a one-line StepwiseError naming it."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise StepwiseError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise StepwiseError(f"{path}: is a directory, expected a JSON Lines {what}") from None
-    except UnicodeDecodeError as err:
-        raise StepwiseError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    for line, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{line}"
-        try:
-            yield line, where, json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise StepwiseError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
 
 
 def load_prompts(path: str | Path) -> list[HeldoutPrompt]:

@@ -14,7 +14,7 @@ prompt can equal a training prompt.
 Cost: 30,000 records take ~12 s on this project's two shared cores (fewer when they are idle), nearly
 all of it langdetect inside the asserted case checks (see CONSTRAINT_WEIGHTS).
 
-`python -m trainer.demo_data` rewrites eval_prompts/demo_ifeval.jsonl and demo_general.jsonl.
+`python -m trainer.demo.dataset` rewrites eval_prompts/demo_ifeval.jsonl and demo_general.jsonl.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer import data, scoring
+from trainer.core import chat
+from trainer.core.resources import data_path
+from trainer.evals import scoring
 
 DEFAULT_RECORDS = 30000
-HELDOUT_DIR = Path(__file__).resolve().parents[1] / "eval_prompts"
+HELDOUT_DIR = data_path("eval_prompts")
 IFEVAL_FILE, GENERAL_FILE = "demo_ifeval.jsonl", "demo_general.jsonl"
 HELDOUT_SEED = 20231107  # the held-out files do not depend on the training seed
 CONSTRAINED_SHARE = 0.7
@@ -375,7 +377,7 @@ def _constraint_count(rng: random.Random) -> int:
 
 def prompt_text(record: dict[str, Any]) -> str:
     """The user message of a record: instruction, then input after a blank line when there is one."""
-    return data.prompt_text(record["instruction"], record.get("input") or "")
+    return chat.prompt_text(record["instruction"], record.get("input") or "")
 
 
 def build_examples(n: int = DEFAULT_RECORDS, seed: int = 0) -> list[dict[str, Any]]:

@@ -14,11 +14,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from trainer import scoring
-from trainer.checkpoint import write_json_atomic
-from trainer.cli import ArgumentParser
-from trainer.errors import StepwiseError
-from trainer.prompts import HeldoutPrompt, load_prompts, read_jsonl
+from trainer.cli.args import ArgumentParser
+from trainer.core.errors import StepwiseError
+from trainer.core.files import read_jsonl, write_json_atomic
+from trainer.evals import scoring
+from trainer.evals.prompts import HeldoutPrompt, load_prompts
 
 # How the table shows each summarize() value: its label, and whether it is a fraction (shown in percent).
 LABELS = {

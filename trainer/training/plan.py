@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 from rich.console import Console
 from rich.table import Table
 
-from trainer import checkpoint as ckpt
-from trainer.batching import steps_per_epoch, tokenize
-from trainer.config import Config, build_parser, load_saved, resolve
+from trainer.core import catalog
+from trainer.core.config import Config, load_saved
+from trainer.training.batching import steps_per_epoch, tokenize
 
 # Fields that change the cost of a step; a run with the same ones has a throughput worth reusing.
 SPEED_KEYS = ("pretrained_model", "dtype", "compile", "dataset", "context_length", "mini_batch_size",
@@ -57,7 +57,7 @@ def count(cfg: Config, train_n: int, val_n: int) -> Plan:
 def recorded_speed(cfg: Config) -> tuple[float, str] | None:
     """Seconds per step recorded by the newest earlier run of the same config, if any."""
     wanted = _speed_fields(cfg)
-    for run in ckpt.list_runs(cfg.run.output_dir):
+    for run in catalog.list_runs(cfg.run.output_dir):
         saved = run.path / "config.yaml"
         seconds = run.metrics.get("data", {}).get("seconds_per_step")
         if seconds and saved.is_file() and _speed_fields(load_saved(saved)) == wanted:
@@ -72,9 +72,9 @@ def _speed_fields(cfg: Config) -> dict:
 
 def measure_speed(cfg: Config, steps: int = 3) -> tuple[float, str]:
     """Seconds per optimizer step, timed for real after one warm-up step (model built, data loaded)."""
-    from trainer.batching import micro_batches
-    from trainer.progress import Reporter
-    from trainer.train import setup, train_step
+    from trainer.training.batching import micro_batches
+    from trainer.training.loop import setup, train_step
+    from trainer.training.progress import Reporter
 
     with tempfile.TemporaryDirectory() as tmp:
         timing_cfg = replace(cfg, run=replace(cfg.run, output_dir=tmp, run_name="timing", resume=False,
@@ -95,8 +95,8 @@ def measure_speed(cfg: Config, steps: int = 3) -> tuple[float, str]:
 
 
 def make_plan(cfg: Config, timing_steps: int = 3) -> Plan:
-    from trainer.progress import Reporter
-    from trainer.train import load_data, load_tokenizer_and_model
+    from trainer.training.loop import load_data, load_tokenizer_and_model
+    from trainer.training.progress import Reporter
 
     quiet = Reporter(enabled=False)
     train_records, val_records = load_data(cfg, quiet)
@@ -140,16 +140,3 @@ def render(plan: Plan, console: Console) -> None:
         secs = steps * plan.seconds_per_step if plan.seconds_per_step else None
         table.add_row(f"{epochs:g}" + (" (now)" if now else ""), f"{steps:,}", _duration(secs))
     console.print(table)
-
-
-def main(argv: list[str]) -> int:
-    parser = build_parser("python -m trainer plan", "Epochs, steps and time for a config (same flags as train).")
-    parser.add_argument("--timing_steps", type=int, default=3, help="steps to time when no earlier run recorded a speed (0: skip)")
-    args = parser.parse_args(argv)
-    timing_steps = args.timing_steps
-    del args.timing_steps
-    if timing_steps < 0:
-        parser.error(f"--timing_steps must be >= 0, got {timing_steps}")
-    cfg = resolve(args)
-    render(make_plan(cfg, timing_steps), Console(highlight=False, soft_wrap=True))
-    return 0

@@ -65,7 +65,7 @@ def find_contamination(heldout_prompts: list[str], train_prompts: list[str], n: 
 
 
 def record_prompts(records: list[dict]) -> list[str]:
-    """Every user turn of trainer.data-style records ({"messages": [...]}), as training prompts."""
+    """Every user turn of trainer.training.data-style records ({"messages": [...]}), as training prompts."""
     return [m["content"] for r in records for m in r["messages"] if m["role"] == "user"]
 
 

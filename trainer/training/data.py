@@ -14,15 +14,11 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.errors import StepwiseError
+from trainer.core.chat import prompt_text
+from trainer.core.errors import StepwiseError
 
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-def prompt_text(instruction: str, input_text: str = "") -> str:
-    """The user message of an Alpaca record: the instruction, then the input if any."""
-    return f"{instruction}\n\n{input_text}" if input_text else instruction
 
 
 @dataclass
@@ -198,7 +194,7 @@ def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, 
 
 def demo_records(n: int, seed: int) -> list[dict]:
     """The embedded default dataset (generated, no network), normalised like a file's."""
-    from trainer import demo_data
+    from trainer.demo import dataset as demo_data
 
     rows = demo_data.build_records(n=n, seed=seed)
     return [{"messages": _normalise(row)[0], "line": i + 1} for i, row in enumerate(rows)]

@@ -1,0 +1,1 @@
+"""Inference: loading checkpoints and generating from them; imports trainer.core only."""

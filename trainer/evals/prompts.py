@@ -1,8 +1,9 @@
 """Held-out prompt files: JSON Lines, a superset of Google's IFEval input_data.jsonl (design.md section 4).
 
-A line carries `prompt` and any of `key`, `instruction_id_list` + `kwargs` (IFEval checks),
-`reference` (ROUGE-L) and `category`. Every mistake is a StepwiseError naming `file:line`, found at
-load time so that a long evaluation never dies on its last prompt.
+A line carries `prompt` and any of `key`, `instruction_id_list` + `kwargs` (IFEval or IFBench checks:
+AllenAI's IFBench_test.jsonl uses the same schema and loads unchanged; each id picks its own
+benchmark's checker), `reference` (ROUGE-L) and `category`. Every mistake is a StepwiseError naming
+`file:line`, found at load time so that a long evaluation never dies on its last prompt.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class HeldoutPrompt:
     prompt: str
     """The full user message the model sees."""
     instruction_id_list: list[str] = field(default_factory=list)
-    """IFEval instruction ids checked on the response; empty for ROUGE-L-only prompts."""
+    """IFEval or IFBench instruction ids checked on the response; empty for ROUGE-L-only prompts."""
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     """One dict of checker arguments per instruction id."""
     reference: str | None = None
@@ -48,10 +49,12 @@ def _optional_str(row: dict[str, Any], name: str, where: str) -> str | None:
 
 
 def check_instruction(instruction_id: str, kwargs: dict[str, Any], prompt: str, where: str) -> None:
-    """A StepwiseError starting with `where` unless IFEval knows the instruction id, every kwarg its
-    checker needs is given (not None), and the checker accepts them: checked before any scoring."""
+    """A StepwiseError starting with `where` unless IFEval or IFBench knows the instruction id, every
+    kwarg its checker needs is given (not None), and the checker accepts them: checked before any
+    scoring."""
     if instruction_id not in registry.instruction_registry():
-        raise StepwiseError(f"{where}: unknown instruction id {instruction_id!r} (not in IFEval's registry)")
+        raise StepwiseError(
+            f"{where}: unknown instruction id {instruction_id!r} (not in IFEval's or IFBench's registry)")
     given = {k for k, v in kwargs.items() if v is not None}
     missing = [k for k in registry.required_kwargs(instruction_id) if k not in given]
     if missing:

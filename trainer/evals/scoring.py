@@ -1,13 +1,15 @@
-"""Scores for held-out responses: IFEval's checks (strict and loose), ROUGE-L, length and repetition.
+"""Scores for held-out responses: IFEval's and IFBench's checks (strict and loose), ROUGE-L, length
+and repetition.
 
-The IFEval checks are if-verifiable's copies of Google's checkers (`if_verifiable.ifeval`), driven the
-way google-research's `instruction_following_eval/evaluation_lib.py` drives them
-(`test_instruction_following_strict` / `_loose`): kwargs with None values dropped, the prompt handed
-to `build_description` when a checker asks for it, a response that is empty or whitespace fails, and
-loose passes when any of eight variants of the response passes (as is, without `*`, without its first
-line, last line or both, and those three without `*`).
+The checks are if-verifiable's copies of Google's IFEval and AllenAI's IFBench checkers, one registry
+keyed by instruction id (trainer.evals.registry), driven the way both benchmarks' evaluation_lib.py
+drive them (`test_instruction_following_strict` / `_loose`): kwargs with None values dropped, the
+prompt handed to `build_description` when a checker asks for it, a response that is empty or
+whitespace fails, and loose passes when any of eight variants of the response passes (as is, without
+`*`, without its first line, last line or both, and those three without `*`). The four IF metrics
+keep IFEval's names for either benchmark (IFBench defines them the same way).
 
-The checkers, their offline sentence splitter and their seeded builds are trainer.evals.registry's.
+The checkers, their offline NLTK substitutes and their seeded builds are trainer.evals.registry's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trainer.evals.prompts import HeldoutPrompt
-from trainer.evals.registry import build_and_unhonoured
+from trainer.evals.registry import SUBSTITUTES, build_and_unhonoured
 
 # IFEval counts words as runs of \w (instructions_util.count_words); `length` uses the same rule so
 # that it agrees with length_constraints:number_words.
@@ -62,7 +64,7 @@ def _check(instruction_id_list: Sequence[str], kwargs: Sequence[Mapping[str, Any
 
 def check_constraints(instruction_id_list: Sequence[str], kwargs: Sequence[Mapping[str, Any]] | None,
                       response: str, prompt: str = "") -> list[bool]:
-    """Strict IFEval verdict per instruction."""
+    """Strict verdict per instruction (IFEval's or IFBench's check, by id)."""
     return _check(instruction_id_list, kwargs, response, prompt, loose=False)[0]
 
 
@@ -85,7 +87,10 @@ def words(text: str) -> list[str]:
 def score_response(p: HeldoutPrompt, response: str) -> dict[str, Any]:
     """Per-prompt scores; prompt_strict/loose are None when the prompt carries no instructions.
     "unverified" lists the instruction ids checked with a value the checker substituted for the one
-    given (IFEval's 1122 and 1129: a seeded random letter for a non-letter); empty otherwise."""
+    given (IFEval's 1122 and 1129: a seeded random letter for a non-letter); empty otherwise.
+    "substituted" lists the instruction ids whose check ran on an offline stand-in for NLTK data
+    (registry.SUBSTITUTES: the untrained sentence splitter, the embedded stop-word list, the
+    first-word verb rule); empty otherwise. Both keep the order of instruction_id_list."""
     strict, loose, unverified = _check(p.instruction_id_list, p.kwargs, response, p.prompt)
     has_checks = bool(p.instruction_id_list)
     return {
@@ -99,6 +104,7 @@ def score_response(p: HeldoutPrompt, response: str) -> dict[str, Any]:
         "prompt_strict": all(strict) if has_checks else None,
         "prompt_loose": all(loose) if has_checks else None,
         "unverified": unverified,
+        "substituted": [i for i in p.instruction_id_list if i in SUBSTITUTES],
         "rougeL": rouge_l(p.reference, response) if p.reference is not None else None,
         "length": len(words(response)),
     }

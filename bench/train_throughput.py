@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.cli.options import parse_config  # noqa: E402
 from trainer.training.batching import micro_batches  # noqa: E402
-from trainer.training.loop import setup, train_step  # noqa: E402
+from trainer.training.loop import train_step  # noqa: E402
+from trainer.training.setup import setup  # noqa: E402
 
 SHARED_ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_en_demo.json"
 

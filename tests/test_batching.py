@@ -86,7 +86,8 @@ def test_padding_does_not_change_an_examples_loss():
 def test_accumulated_micro_batches_give_the_large_batch_gradient(tmp_path):
     """The step's loss is normalised by supervised tokens over the whole accumulated batch."""
     from trainer.cli.options import parse_config
-    from trainer.training.loop import accumulate, setup
+    from trainer.training.loop import accumulate
+    from trainer.training.setup import setup
 
     def grads(mini, total):
         cfg = parse_config(["--demo_records", "60", "--context_length", "64", "--mini_batch_size", str(mini),

@@ -21,7 +21,7 @@ import yaml
 
 from trainer.core.catalog import list_runs
 from trainer.core.errors import StepwiseError
-from trainer.core.resources import data_path
+from trainer.core.resources import data_path, user_or_packaged
 
 # Metrics a best model can be chosen by, and whether higher is better. The IF metrics and rougeL
 # come from held-out generations at each checkpoint (`eval_prompts`).
@@ -80,10 +80,11 @@ class OptimConfig:
     max_grad_norm: float = arg(1.0, "Gradient clipping norm (0 turns clipping off).")
     mini_batch_size: int = arg(8, "Examples per forward pass on each process.")
     total_batch_size: int | None = arg(None, "Tokens per optimizer step; accumulation = total / (mini_batch_size x context_length x world size).")
+    max_bad_steps: int = arg(3, "Stop after this many steps in a row with a non-finite loss or gradient norm (each is skipped, never applied).")
     seed: int = arg(42, "Seed for the split, the shuffling, the model init and everything else random.")
 
     def __post_init__(self):
-        for name in ("max_steps", "mini_batch_size", "total_batch_size"):
+        for name in ("max_steps", "mini_batch_size", "total_batch_size", "max_bad_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise StepwiseError(f"--{name} must be positive, got {value}")
@@ -113,6 +114,8 @@ class EvalConfig:
     early_stopping_threshold: float = arg(0.0, "The absolute improvement over the best so far that counts as one.")
 
     def __post_init__(self):
+        if self.eval_prompts:  # eval_prompts/demo_ifeval.jsonl is found from any folder (a packaged file)
+            self.eval_prompts = str(user_or_packaged(self.eval_prompts))
         if self.metric_for_best_model == "eval_loss":  # Hugging Face's name for the same thing
             self.metric_for_best_model = "val_loss"
         if self.metric_for_best_model not in METRICS:
@@ -264,14 +267,30 @@ def _coerce(name: str, value, where: str):
 def read_yaml(path: str) -> dict:
     """Flat {field: value} from a YAML file, sections flattened and aliases resolved."""
     p = Path(path)
+    if p.is_dir():
+        raise StepwiseError(f"--config {path}: is a folder, not a YAML file")
     if not p.is_file():
         raise StepwiseError(f"--config {path}: no such file")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        data = p.read_bytes()
+    except OSError as err:
+        raise StepwiseError(f"--config {path}: cannot read ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:  # a binary file, or text saved in another encoding
+        line = data.count(b"\n", 0, err.start) + 1
+        raise StepwiseError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                            "a config is a UTF-8 YAML file") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.reader.ReaderError as err:  # a control character such as NUL: binary data, not YAML
+        line = text.count("\n", 0, err.position) + 1
+        raise StepwiseError(f"{path}:{line}: not YAML text (character #x{err.character:04x} is not allowed)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise StepwiseError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
+        why = (str(getattr(err, "problem", None) or err).strip().splitlines() or ["unreadable"])[0]
+        raise StepwiseError(f"{path}{line}: invalid YAML ({why})") from None
     if not isinstance(raw, dict):
         raise StepwiseError(f"{path}: expected a mapping of keys to values")
     fields = config_fields()
@@ -359,8 +378,12 @@ def from_flat(values: dict, config_name: str = "default") -> Config:
 
 
 def load_saved(path: str | Path) -> Config:
-    """The resolved config saved in a run folder (config.yaml), re-validated."""
-    raw = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
-    if not isinstance(raw, dict):
-        raise StepwiseError(f"{path}: missing or not a saved run config")
-    return from_flat(read_yaml(str(path)), raw.get("config_name", "default"))
+    """The resolved config saved in a run folder (config.yaml), re-validated. Its last line is
+    config_name (Config.to_dict writes it last), so a file cut short is told apart from a complete one."""
+    if not Path(path).is_file():
+        raise StepwiseError(f"{path}: missing saved run config")
+    values = read_yaml(str(path))  # a damaged file is one line naming it
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if "config_name" not in raw:
+        raise StepwiseError(f"{path}: incomplete saved run config (cut short?); restore it or start a new --run_name")
+    return from_flat(values, raw["config_name"])

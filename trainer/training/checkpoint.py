@@ -15,10 +15,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from trainer.core.catalog import STATE_FILE, list_steps, step_dir_name
-from trainer.core.files import read_json, write_json_atomic
+from trainer.core.errors import StepwiseError, first_line
+from trainer.core.files import read_json, write_json_atomic, write_text_atomic
 from trainer.inference.loading import quiet_hub
 
 # --- writing -------------------------------------------------------------------------------------
@@ -75,26 +77,72 @@ def save_hf(model, tokenizer, folder: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict,
                     samples: list[dict] | None = None) -> Path:
-    """Write step-NNNNNN/ under a temporary name, then rename it into place."""
+    """Write step-NNNNNN/ under a temporary name, then rename it into place. A write that fails (disk
+    full, say) removes the temporary folder and is one StepwiseError naming the folder and the cause;
+    earlier checkpoints are untouched."""
     final = run_dir / step_dir_name(step)
     tmp = run_dir / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_hf(model, tokenizer, tmp)
-    tensors, meta = _optimizer_tensors(optimizer)
-    save_file(tensors, tmp / "optimizer.safetensors")
-    write_json_atomic(tmp / "optimizer.json", meta)
-    write_json_atomic(tmp / "scheduler.json", scheduler.state_dict())
-    rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, tmp / "rng.safetensors")
-    write_json_atomic(tmp / "rng.json", rng_meta)
-    if samples is not None:
-        (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    write_json_atomic(tmp / STATE_FILE, state)
-    if final.exists():  # a re-save of the same step (e.g. an interrupt right after a checkpoint)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        save_hf(model, tokenizer, tmp)
+        tensors, meta = _optimizer_tensors(optimizer)
+        save_file(tensors, tmp / "optimizer.safetensors")
+        write_json_atomic(tmp / "optimizer.json", meta)
+        write_json_atomic(tmp / "scheduler.json", scheduler.state_dict())
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        write_json_atomic(tmp / "rng.json", rng_meta)
+        if samples is not None:
+            write_text_atomic(tmp / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        write_json_atomic(tmp / STATE_FILE, state)
+    except Exception as err:  # OSError, safetensors' SafetensorError, ...: the checkpoint was not written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StepwiseError(f"{final}: could not write the checkpoint ({first_line(err)}); the earlier "
+                            "checkpoints are intact: free space and --resume") from None
+    _replace_folder(tmp, final)
     return final
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Rename new to target; an existing target (a re-save of the same step, a new final/) is moved
+    aside first and removed after, so some complete copy exists at every moment."""
+    old = target.with_name(f".old-{target.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_leftovers(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted write left in a run folder (.tmp-*, .old-* folders, .*.tmp files).
+    A complete checkpoint is never among them: it only appears under its own name."""
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir()
+             if (p.is_dir() and p.name.startswith((".tmp-", ".old-"))) or (p.name.startswith(".") and p.name.endswith(".tmp"))]
+    for p in found:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return found
+
+
+def weights_finite(folder: Path) -> bool:
+    """Every tensor in the folder's safetensors weights is finite (read tensor by tensor)."""
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if f.name not in ("optimizer.safetensors", "rng.safetensors")]
+    for f in files:
+        with safe_open(f, framework="pt") as fh:
+            for key in fh.keys():
+                t = fh.get_tensor(key)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    return False
+    return bool(files)
+
+
+def model_finite(model) -> bool:
+    """No parameter holds a NaN or inf (checked before a checkpoint is written)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def load_training_state(folder: Path, optimizer, scheduler) -> dict:
@@ -110,12 +158,13 @@ def write_final(run_dir: Path, best: Path) -> Path:
     final, tmp = run_dir / "final", run_dir / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
     skip = {"optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors", "rng.json"}
-    shutil.copytree(best, tmp, ignore=lambda _d, names: [n for n in names if n in skip])
-    old = run_dir / ".old-final"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        shutil.copytree(best, tmp, ignore=lambda _d, names: [n for n in names if n in skip])
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StepwiseError(f"{final}: could not write the best checkpoint ({first_line(err)}); "
+                            f"{best} is intact") from None
+    _replace_folder(tmp, final)
     return final
 
 

@@ -1,10 +1,12 @@
-"""training_metrics.json: the history a person steers by, early stopping, and the seed's decision guide.
+"""training_metrics.json: the history a person steers by, best-model tracking, early stopping, and the
+decision guide (train longer, enough, or stop).
 
 The file is rewritten atomically after every log and evaluation, so it can be read mid-run.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,18 @@ from trainer.core.errors import StepwiseError
 from trainer.core.files import write_json_atomic
 
 IMPROVING, PLATEAU, OVERFITTING = "improving", "plateau", "overfitting"
+
+
+def improves(metric: str, value: float | None, best: float | None, threshold: float = 0.0) -> bool:
+    """The one comparison behind best-model tracking (threshold 0) and early stopping: value beats
+    best by more than threshold, in the metric's direction; the first finite value always does.
+    A NaN or inf value never improves anything."""
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    gain = value - best if METRICS[metric] else best - value
+    return gain > threshold
 
 
 @dataclass
@@ -29,19 +43,9 @@ class EarlyStopping:
     bad_evals: int = 0
     stopped: bool = False
 
-    @property
-    def higher_is_better(self) -> bool:
-        return METRICS[self.metric]
-
-    def improves(self, value: float) -> bool:
-        if self.best_value is None:
-            return True
-        gain = value - self.best_value if self.higher_is_better else self.best_value - value
-        return gain > self.threshold
-
     def update(self, value: float, step: int) -> bool:
         """Record one evaluation; True when the run should stop."""
-        if self.improves(value):
+        if improves(self.metric, value, self.best_value, self.threshold):
             self.best_value, self.best_step, self.bad_evals = value, step, 0
         else:
             self.bad_evals += 1
@@ -50,7 +54,7 @@ class EarlyStopping:
 
 
 def classify_trend(history: list[dict], tolerance: float = 0.005) -> str:
-    """The seed's decision guide on the evaluations so far.
+    """The decision guide on the evaluations so far.
 
     improving: the newest val loss is a new low by more than `tolerance` (relative);
     overfitting: val loss rose on the last two evaluations and sits above its low while train loss fell;
@@ -71,7 +75,7 @@ def classify_trend(history: list[dict], tolerance: float = 0.005) -> str:
 
 
 def recommend(trend: str, epoch: float, best: dict) -> str:
-    """A final recommendation in the seed's words: train longer, enough, or stop."""
+    """A final recommendation: train longer, enough, or stop."""
     where = f"final/ holds the best checkpoint (step {best.get('step')})" if best.get("step") else "no checkpoint yet"
     if trend == IMPROVING:
         more = max(1, round(epoch * 0.5)) if epoch >= 1 else 1

@@ -73,7 +73,8 @@ def _speed_fields(cfg: Config) -> dict:
 def measure_speed(cfg: Config, steps: int = 3) -> tuple[float, str]:
     """Seconds per optimizer step, timed for real after one warm-up step (model built, data loaded)."""
     from trainer.training.batching import micro_batches
-    from trainer.training.loop import setup, train_step
+    from trainer.training.loop import train_step
+    from trainer.training.setup import setup
     from trainer.training.progress import Reporter
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +96,7 @@ def measure_speed(cfg: Config, steps: int = 3) -> tuple[float, str]:
 
 
 def make_plan(cfg: Config, timing_steps: int = 3) -> Plan:
-    from trainer.training.loop import load_data, load_tokenizer_and_model
+    from trainer.training.setup import load_data, load_tokenizer_and_model
     from trainer.training.progress import Reporter
 
     quiet = Reporter(enabled=False)

@@ -122,7 +122,8 @@ def test_verdicts_match_if_verifiables_own_driver(ifbench, results):
         ours = scoring.score_response(p, response)
         random.seed(registry._BUILD_SEED)  # the same draw as our build where a checker draws (key 286)
         theirs, _ = evaluate_instructions(response, p.instruction_id_list, p.kwargs, p.prompt, checkers)
-        assert ([t.strict_pass for t in theirs], [t.loose_pass for t in theirs]) == (ours["strict"], ours["loose"]), p.key
+        verdicts = [t.strict_pass for t in theirs], [t.loose_pass for t in theirs]
+        assert verdicts == (ours["strict"], ours["loose"]), p.key
 
 
 def test_substituted_and_unverified_checks_are_listed_per_prompt(results):
@@ -167,6 +168,13 @@ def test_checks_that_tokenize_words_run_offline():
     assert check("words:words_position", "I love you and love it", keyword="love")
     assert not check("words:words_position", "I love you and love it.", keyword="love")  # "." is last
     assert check("words:keywords_specific_position", "One two. Three four five.", keyword="five", n=2, m=3)
+
+
+def test_quote_unquote_does_not_crash_on_digits_and_punctuation():
+    # Upstream indexes the empty string left after stripping them: IndexError, a dead evaluation.
+    assert check("format:quote_unquote", "...") and check("format:quote_unquote", "1. 2.")
+    assert not check("format:quote_unquote", 'He said "yes"') and not check("format:quote_unquote", '""')
+    assert check("format:quote_unquote", 'He said "yes" twice.')
 
 
 def test_importing_the_checkers_downloads_nothing():

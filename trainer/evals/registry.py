@@ -15,9 +15,9 @@ below, and score_response lists them per prompt in "substituted".
 - punkt (`nltk.data.load("nltk:tokenizers/punkt/english.pickle")`, IFEval's sentence counter) and
   punkt_tab (inside `nltk.word_tokenize`, which splits sentences before Treebank word splitting):
   NLTK's *untrained* `PunktSentenceTokenizer()`, which ships inside nltk. It is the configuration
-  behind the loose IFEval figures that tests/test_scoring.py checks. It knows no abbreviations, so it can
-  count "Dr. Smith" as two sentences where the trained model would not; for word tokenizing it only
-  decides where a sentence-final period is split off. Affects IFEval's
+  behind the loose IFEval figures that tests/test_scoring.py checks. It knows no abbreviations, so it
+  can count "Dr. Smith" as two sentences where the trained model would not; for word tokenizing it
+  only decides where a sentence-final period is split off. Affects IFEval's
   length_constraints:number_sentences and change_case:capital_word_frequency, and IFBench's
   words:start_verb, words:keywords_specific_position, words:words_position and format:title_case.
 - stopwords (`nltk.corpus.stopwords.words("english")`, IFBench's ratio:stop_words): NLTK's English
@@ -32,8 +32,14 @@ below, and score_response lists them per prompt in "substituted".
   noun, adjective or name ("Galois theory ...", "Quantum ...") passes where the tagger would fail it;
   a response that starts with a verb passes with both.
 
+One crash fixed: IFBench's format:quote_unquote ("no two quotes side by side, no quote at the end")
+strips digits and punctuation from the end and indexes the last character left, so a response made
+only of those ("...", "1.") raises IndexError and would stop a whole evaluation. Here such a response
+follows the rule, as it has no quote to end with; every other response is judged as upstream judges it.
+
 The substitutes are patched into if-verifiable's modules only (their `nltk` name, their sentence
-splitter and stop-word counter, and a subclass of the start-verb checker), never into nltk globally.
+splitter and stop-word counter; subclasses of the start-verb and quote_unquote checkers in our
+registry, not theirs), never into nltk globally.
 IFBench's instructions_util calls `nltk.download` for all four packages when it is imported; that
 import runs with `nltk.download` replaced by a no-op (under _INSTALL_LOCK), so importing never
 reaches for the network or prints download errors.
@@ -49,7 +55,8 @@ value is listed in score_response's "unverified": we find them by comparing the 
 built checker's `get_instruction_args()`, up to the normalisation checkers apply (strings stripped and
 lower-cased, lists sorted and de-duplicated). The seed also fixes draws for kwargs not given at all
 (load_prompts requires them; check_constraints does not). langdetect (change_case and language
-checks) is seeded too.
+checks) is seeded too. IFBench's repeat:repeat_span reads `if not n_start`, so an n_start of 0 (its
+test prompt 286) is replaced by a seeded draw, and listed as unverified.
 
 Thread safety: the front ends score from several threads at once. The offline substitutes are
 installed once, under a lock, into if-verifiable's modules (not into nltk); every build that seeds
@@ -221,8 +228,18 @@ def _install() -> Mapping[str, type]:
         def check_following(self, value: str) -> bool:
             return _starts_with_verb(_word_tokenize(value))
 
+    class QuoteUnquoteNoCrash(IFBENCH["format:quote_unquote"]):
+        """format:quote_unquote without the IndexError on nothing but digits and punctuation."""
+
+        def check_following(self, value: str) -> bool:
+            try:
+                return super().check_following(value)
+            except IndexError:  # nothing left after stripping digits and punctuation: no quote at the end
+                return True
+
+    fixed = {"words:start_verb": StartWithVerbOffline, "format:quote_unquote": QuoteUnquoteNoCrash}
     # IFEval's entries last: they win a clash (there is none in if-verifiable 0.1.2).
-    return types.MappingProxyType({**IFBENCH, "words:start_verb": StartWithVerbOffline, **IFEVAL})
+    return types.MappingProxyType({**IFBENCH, **fixed, **IFEVAL})
 
 
 @functools.cache

@@ -109,7 +109,8 @@ def single_turn_votes(root) -> VoteStore:
     store.append(Vote(A, B, "a", prompt="no answers recorded"))
     with open(store.path, "a", encoding="utf-8") as f:
         # A line from before `histories` existed, and a torn one.
-        f.write(json.dumps({"a": B, "b": A, "outcome": "a", "prompt": "Capital of France?", "answers": ["Paris.", "Lyon."],
+        f.write(json.dumps({"a": B, "b": A, "outcome": "a", "prompt": "Capital of France?",
+                            "answers": ["Paris.", "Lyon."],
                             "key": None, "settings": {}, "time": "2025-01-01T00:00:00Z"}) + "\n")
         f.write('{"a": "x", "b": \n')
     return store

@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path, prefs = export_preferences(args.root, args.out, args.conversational)
     form = "conversational" if prefs.conversational else "standard (text)"
-    print(f"wrote {len(prefs.rows)} preference pairs, {form}, to {path}; {left_out_text(prefs)}")
+    n = len(prefs.rows)
+    print(f"wrote {n} preference pair{'s' if n != 1 else ''}, {form}, to {path}; {left_out_text(prefs)}")
     return 0
 
 

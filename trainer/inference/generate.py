@@ -12,6 +12,7 @@ threads sampling at once cannot disturb each other's draws.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -52,16 +53,18 @@ class GenerationSettings:
     """Seed of the sampling draws (None draws a fresh one each call)."""
 
     def __post_init__(self):
-        if self.max_new_tokens <= 0:
+        # Written so that NaN fails every check (every comparison with NaN is false), and infinity
+        # fails too: either would reach the sampler as NaN probabilities and a torch traceback.
+        if not self.max_new_tokens > 0:
             raise StepwiseError(f"--max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise StepwiseError(f"--temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise StepwiseError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise StepwiseError(f"--top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
+        if not self.top_k >= 0:
             raise StepwiseError(f"--top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise StepwiseError(f"--repetition_penalty must be positive, got {self.repetition_penalty}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise StepwiseError(f"--repetition_penalty must be a finite positive number, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:

@@ -1,12 +1,22 @@
 """Loading checkpoints for inference: any Hugging Face folder, step folder, final/ or hub id, with its
-own tokenizer and chat template, and every loading mistake as one line naming the folder."""
+own tokenizer and chat template, and every loading mistake as one line naming the folder.
+
+Weights are safetensors only: a folder with nothing but pickled weights (pytorch_model.bin) is
+refused, since unpickling a file can run code. A damaged weights file, a config.json whose sizes do
+not match the weights, and a hub id while the hub cannot be reached are each one line too.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import socket
 import threading
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -15,6 +25,8 @@ from trainer.core.chat import ensure_chat_template
 from trainer.core.errors import StepwiseError, first_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+HUB_TIMEOUT_S = 2.0
 # transformers resolves model classes through lazy imports that are not thread-safe: the app's
 # sides load at the same time, so loads take turns (they share the disk and cores anyway).
 _LOAD_LOCK = threading.Lock()
@@ -35,18 +47,170 @@ def quiet_hub():
             logging.enable_progress_bar()
 
 
-def from_pretrained(loader, name: str, flag: str = "--pretrained_model"):
+def hub_unreachable(offline: bool | None = None) -> str | None:
+    """Why the Hugging Face hub cannot be reached now (offline mode, or no answer from its host, or
+    the proxy's, within HUB_TIMEOUT_S), or None when it answers. The hub client would otherwise
+    retry for most of a minute and print a line per retry before failing. offline: the caller's
+    library's own offline setting (default: huggingface_hub's HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+
+    if offline if offline is not None else constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname or host, proxy_url.port or 8080
+    failure: list[str] = []
+
+    def connect():  # in a thread, because name resolution takes no timeout
+        try:
+            socket.create_connection((host, port), timeout=HUB_TIMEOUT_S).close()
+        except OSError as err:
+            failure.append(err.strerror or type(err).__name__)
+        else:
+            failure.append("")
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(HUB_TIMEOUT_S + 0.5)
+    if not failure:
+        return f"the Hugging Face hub ({host}:{port}) did not answer within {HUB_TIMEOUT_S:.0f} s"
+    return f"the Hugging Face hub ({host}:{port}) cannot be reached: {failure[0]}" if failure[0] else None
+
+
+def offline_error(label: str, reason: str, local: str = "a local model folder") -> StepwiseError:
+    """The one line for a hub id that is not cached while the hub cannot be reached (hub_unreachable)."""
+    fix = "unset HF_HUB_OFFLINE" if reason.startswith("HF_HUB_OFFLINE") else "check the network"
+    return StepwiseError(f"{label}: {reason}, and it is not in the local Hugging Face cache; pass {local}, or {fix}")
+
+
+def hub_access(name: str) -> str | None:
+    """For a name that is no local path (a hub id): why the hub cannot be reached, if it cannot.
+    Loading then looks in the local cache only, which answers at once."""
+    return None if Path(name).exists() else hub_unreachable()
+
+
+def from_pretrained(loader, name: str, flag: str = "--pretrained_model", offline: str | None = None):
     """loader(name) (an AutoX.from_pretrained) with Hugging Face's progress bars off, since they
-    would land in our log, the REPL and the eval display, and its errors as one line naming it."""
+    would land in our log, the REPL and the eval display, and its errors as one line naming it.
+    offline: hub_access(name)'s reason, when the hub cannot be reached (the cache is used)."""
     label = f"{flag} {name}" if flag else name
     path = Path(name)
     if path.exists() and not (path / "config.json").is_file():
         raise StepwiseError(f"{label}: no config.json (not a Hugging Face model folder)")
+    from safetensors import SafetensorError
+
     try:
         with quiet_hub():
-            return loader(name)
-    except (OSError, ValueError) as err:
+            return loader(name, **({"local_files_only": True} if offline else {}))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        if offline:
+            raise offline_error(label, offline) from None
         raise StepwiseError(f"{label}: could not load ({first_line(err)})") from None
+
+
+def check_weights(path: Path, label: str) -> None:
+    """A StepwiseError naming the folder when its weights are pickled only, or a safetensors file is
+    empty, cut short or damaged (its header is read and checked against the file's size: cheap,
+    no tensor is loaded)."""
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise StepwiseError(f"{label}: {index.name} is damaged ({first_line(err)})") from None
+        files = [path / shard for shard in shards]
+    else:
+        pickled = next((w for w in PICKLED_WEIGHTS if (path / w).is_file()), None)
+        if pickled is not None:
+            raise StepwiseError(
+                f"{label}: only pickled weights ({pickled}), and Stepwise never unpickles a checkpoint (it can run "
+                f"code); if you trust the file, convert it once to safetensors: python -c \"from transformers import "
+                f"AutoModelForCausalLM as M; M.from_pretrained('{path}').save_pretrained('{path}')\"")
+        return
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        if not f.is_file():
+            raise StepwiseError(f"{label}: {f.name} is missing (listed in {index.name})")
+        if f.stat().st_size == 0:
+            raise StepwiseError(f"{label}: {f.name} is empty (0 bytes); the checkpoint was not written completely")
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as err:
+            raise StepwiseError(f"{label}: {f.name} is damaged or cut short ({first_line(err)})") from None
+
+
+class _Held(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def held_logs(name: str):
+    """A library's log (its root logger `name`, which holds its handlers) held back for the block:
+    dropped when the block raises, since its one-line error says what was wrong (transformers'
+    report of mismatched weights is a table of tens of lines, datasets logs a failed file before
+    raising), and passed on as usual when it does not."""
+    log = logging.getLogger(name)
+    handlers, held = log.handlers[:], _Held()
+    if not handlers:  # not set up by the library (yet): nothing to hold, and nothing to lose
+        yield
+        return
+    log.handlers = [held]
+    try:
+        yield
+    finally:
+        log.handlers = handlers
+    for record in held.records:  # only reached without an exception
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+def weights_mismatch(info: dict) -> str | None:
+    """What does not match between config.json and the weights, from from_pretrained's loading info."""
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, in_file, by_config = mismatched[0]
+        return (f"{len(mismatched)} weight(s) have other sizes than config.json says, e.g. {key} is "
+                f"{list(in_file)} in the weights but {list(by_config)} by config.json")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        return f"{len(missing)} weight(s) that config.json asks for are not in the weights, e.g. {missing[0]}"
+    return None
+
+
+def load_causal_lm(name: str, dtype: torch.dtype, flag: str = "--pretrained_model", offline: str | None = None):
+    """AutoModelForCausalLM from a folder or hub id: safetensors only, checked first (local folders),
+    and a config that does not match the weights refused in one line instead of a size table."""
+    from transformers import AutoModelForCausalLM
+
+    label = f"{flag} {name}" if flag else name
+    if Path(name).is_dir():
+        check_weights(Path(name), label)
+
+    def load(n, **kw):
+        # ignore_mismatched_sizes only lets loading finish, so what does not match is known and
+        # reported here in one line; such a model is never returned.
+        return AutoModelForCausalLM.from_pretrained(n, dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=True,
+                                                    output_loading_info=True, **kw)
+
+    with held_logs("transformers"):
+        model, info = from_pretrained(load, name, flag, offline)
+        problem = weights_mismatch(info)
+        if problem:
+            raise StepwiseError(f"{label}: config.json does not match the weights ({problem})")
+    return model
 
 
 
@@ -102,12 +266,14 @@ def is_hub_id(name: str) -> bool:
 
 
 def check_model_folder(path: str | Path) -> None:
-    """A StepwiseError naming the folder unless it holds a config, weights and a tokenizer."""
+    """A StepwiseError naming the folder unless it holds a config, intact safetensors weights and a
+    tokenizer."""
     p = Path(path)
     if not p.is_dir():
         raise StepwiseError(f"{path}: no such checkpoint folder")
     if not (p / "config.json").is_file():
         raise StepwiseError(f"{path}: no config.json (not a Hugging Face model folder)")
+    check_weights(p, str(path))
     if not any((p / w).is_file() for w in WEIGHT_FILES):
         raise StepwiseError(f"{path}: no model weights ({WEIGHT_FILES[0]})")
     if not any((p / t).is_file() for t in TOKENIZER_FILES):
@@ -132,9 +298,8 @@ def load_model(path: str | Path, device: str | None = None) -> LoadedModel:
 
 
 def _from_pretrained(name: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, flag="")
-    model = from_pretrained(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=dtype, use_safetensors=True),
-                            name, flag="")
-    return tokenizer, model
+    offline = hub_access(name)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, flag="", offline=offline)
+    return tokenizer, load_causal_lm(name, dtype, flag="", offline=offline)

@@ -6,7 +6,7 @@ import torch
 
 from trainer.core.chat import ensure_chat_template, render
 from trainer.core.errors import StepwiseError
-from trainer.inference.loading import from_pretrained
+from trainer.inference.loading import from_pretrained, hub_access, load_causal_lm
 
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -53,20 +53,24 @@ def demo_texts(records: list[dict]) -> list[str]:
 
 
 def load_pretrained_tokenizer(name: str):
+    return _pretrained_tokenizer(name, hub_access(name))
+
+
+def _pretrained_tokenizer(name: str, offline: str | None):
+    """The tokenizer of --pretrained_model; offline: why the hub cannot be reached (hub_access)."""
     from transformers import AutoTokenizer
 
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, offline=offline)
     ensure_chat_template(tokenizer)
     return tokenizer
 
 
 def load_pretrained(name: str):
-    """Tokenizer and model from a Hugging Face folder, a hub id or a Stepwise checkpoint."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_pretrained_tokenizer(name)
-    model = from_pretrained(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32), name)
-    return tokenizer, model
+    """Tokenizer and model from a Hugging Face folder, a hub id or a Stepwise checkpoint: safetensors
+    weights only (a pickled-only folder is refused)."""
+    offline = hub_access(name)
+    tokenizer = _pretrained_tokenizer(name, offline)
+    return tokenizer, load_causal_lm(name, torch.float32, "--pretrained_model", offline)
 
 
 def check_template(tokenizer) -> None:

@@ -113,3 +113,46 @@ def test_empty_file_folder_and_all_in_validation(tmp_path):
     one = write_jsonl(tmp_path / "one.jsonl", ALPACA[:1])
     with pytest.raises(StepwiseError, match="leaves none of the 1 record"):
         load_train_val(str(one), None, 0.05, 0, False, 10)
+
+
+def write_with_bad_byte(path):
+    """Two good Alpaca records around one whose text has a Latin-1 byte (not UTF-8): line 3 of each file."""
+    bad = b'{"instruction": "Say caf\xe9.", "output": "caf\xe9"}'
+    rows = [json.dumps(r).encode() for r in ALPACA]
+    if path.suffix == ".jsonl":
+        path.write_bytes(b"\n".join([rows[0], b"", bad, rows[1]]) + b"\n")  # a blank line 2
+    elif path.suffix == ".json":
+        path.write_bytes(b"[" + b",\n".join([rows[0], bad, rows[1]]) + b"]")  # records 1-3
+    else:
+        path.write_bytes(b'instruction,input,output\nAdd 2 and 3.,,5\nSay caf\xe9.,,caf\xe9\nReverse the list.,"a, b","b, a"\n')
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_bytes_that_are_not_utf8_are_one_malformed_record(tmp_path, suffix):
+    path = write_with_bad_byte(tmp_path / f"data{suffix}")
+    lines = {".jsonl": 3, ".json": 2, ".csv": 3}[suffix]  # a JSON array's "line" is the record's position
+    records, report = load_records(str(path))
+    assert [r["messages"][-1]["content"] for r in records] == ["5", "b, a"]
+    assert report.skipped_lines == [lines] and report.reasons == {"not UTF-8 text": 1}
+    with pytest.raises(StepwiseError, match=rf"data{suffix}:{lines}: not UTF-8 text$"):
+        load_records(str(path), strict=True)
+
+
+def test_a_bad_byte_outside_any_string_of_a_json_array(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_bytes(b'[{"instruction": "a", "output": "b"},\n\xff{"instruction": "a", "output": "b"}]')
+    with pytest.raises(StepwiseError, match=r"data\.json:2: not UTF-8 text \(byte 0xff\)$"):
+        load_records(str(path))
+
+
+def test_csv_errors_name_the_file_and_the_cause(tmp_path):
+    """Not `datasets`' "An error occurred while generating the dataset"."""
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("instruction,input,output\na,,b\nc,,d,e\n")
+    with pytest.raises(StepwiseError, match=r"ragged\.csv: could not load \(.*Expected 3 fields in line 3, saw 4\)$"):
+        load_records(str(ragged))
+    header = tmp_path / "header.csv"
+    header.write_bytes(b"instrucci\xf3n,input,output\na,,b\n")
+    with pytest.raises(StepwiseError, match=r"header\.csv:1: not UTF-8 text in the header"):
+        load_records(str(header))

@@ -3,21 +3,31 @@
 Every record becomes `{"messages": [{"role", "content"}, ...], "line": N}`: an Alpaca record is a user
 turn (instruction, then input if any) and an assistant turn (output); `messages` records are taken as
 they are; ShareGPT `conversations` (`from`/`value`) are renamed. Malformed records are skipped with a
-count and their first line numbers, or rejected with `file:line` under `--strict`.
+count and their first line numbers, or rejected with `file:line` under `--strict`. A line (or a JSON
+array's record, or a CSV row) with bytes that are not UTF-8 is one such malformed record.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.core.chat import prompt_text
-from trainer.core.errors import StepwiseError
+from trainer.core.errors import StepwiseError, first_line
+from trainer.inference.loading import held_logs, hub_unreachable, offline_error
 
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+NOT_UTF8 = "not UTF-8 text"
+# Files are decoded with errors="surrogateescape": each byte that is not UTF-8 becomes one lone
+# surrogate (U+DC80-U+DCFF), which valid UTF-8 text never decodes to, so a bad record is found
+# by searching its text instead of the whole file failing to decode.
+BAD_BYTE = re.compile("[\udc80-\udcff]")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -91,27 +101,35 @@ def _scan_json(path: Path, report: LoadReport, strict: bool) -> tuple[list[dict]
     when something was wrong, else None so the clean file goes through `datasets` and its cache.
     In a JSON array the "line" is the record's position (1-based)."""
     rows, lines, clean = [], [], True
+    numbered = []  # (line, row, why it is malformed when that is known before looking at its fields)
     if _is_jsonl(path):
-        numbered = []
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8", errors="surrogateescape") as fh:
             for number, text in enumerate(fh, start=1):
-                if text.strip():
-                    try:
-                        numbered.append((number, json.loads(text)))
-                    except json.JSONDecodeError:
-                        numbered.append((number, None))
+                if not text.strip():
+                    continue
+                if BAD_BYTE.search(text):
+                    numbered.append((number, None, NOT_UTF8))
+                    continue
+                try:
+                    numbered.append((number, json.loads(text), None))
+                except json.JSONDecodeError:
+                    numbered.append((number, None, "invalid JSON line"))
     else:
+        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as err:
+            if BAD_BYTE.match(text, err.pos):
+                raise StepwiseError(f"{path}:{err.lineno}: {NOT_UTF8} (byte 0x{ord(text[err.pos]) - 0xDC00:02x})") from None
             raise StepwiseError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
         if not isinstance(data, list):
             raise StepwiseError(f"{path}: expected a JSON array of records or JSON Lines")
-        numbered = list(enumerate(data, start=1))
+        bad = BAD_BYTE.search(text) is not None
+        numbered = [(n, row, NOT_UTF8 if bad and _has_bad_bytes(row) else None) for n, row in enumerate(data, start=1)]
     if not numbered:
         raise StepwiseError(f"{path}: no records (the file is empty)")
-    for number, row in numbered:
-        reason = "invalid JSON line" if not isinstance(row, dict) else _normalise(row)[1]
+    for number, row, why in numbered:
+        reason = why or ("invalid JSON line" if not isinstance(row, dict) else _normalise(row)[1])
         if reason:
             clean = False
             _bad(report, strict, number, reason)
@@ -121,37 +139,113 @@ def _scan_json(path: Path, report: LoadReport, strict: bool) -> tuple[list[dict]
     return None if clean else (rows, lines)
 
 
+def _has_bad_bytes(value) -> bool:
+    """Whether a parsed JSON value holds a string (or key) with a byte that was not UTF-8."""
+    if isinstance(value, str):
+        return BAD_BYTE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_bad_bytes(k) or _has_bad_bytes(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_bad_bytes(v) for v in value)
+    return False
+
+
 def _is_jsonl(path: Path) -> bool:
     if path.suffix.lower() == ".jsonl":
         return True
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8", errors="replace") as fh:
         return fh.read(4096).lstrip()[:1] == "{"
 
 
-def _load_with_datasets(source: str) -> tuple[list[dict], callable]:
+def _is_utf8(path: Path) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with path.open("rb") as fh:
+        try:
+            while chunk := fh.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def _read_csv_with_bad_bytes(path: Path) -> list[dict]:
+    """The rows of a CSV file that is not all UTF-8, read by pandas (as `datasets` reads CSV), so
+    the rows with bad bytes can be skipped like any malformed record. Every cell, the header too, is
+    read as text (pandas' Arrow strings cannot hold the stand-ins for bad bytes); an empty cell is
+    None, as in `datasets`."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, header=None, dtype=object, encoding="utf-8", encoding_errors="surrogateescape")
+    except (ValueError, pd.errors.ParserError) as err:  # EmptyDataError is a ValueError
+        raise StepwiseError(f"{path}: could not load ({first_line(err)})") from None
+    header = [str(name) for name in frame.iloc[0]]
+    if any(BAD_BYTE.search(name) for name in header):
+        raise StepwiseError(f"{path}:1: {NOT_UTF8} in the header; save the file as UTF-8")
+    frame = frame.iloc[1:]
+    frame.columns = header
+    return frame.where(frame.notna(), None).to_dict("records")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception behind a wrapper such as datasets' DatasetGenerationError ("An error
+    occurred while generating the dataset"), which says nothing about the file or what was wrong."""
+    seen = set()
+    while (err.__cause__ or err.__context__) is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return err
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """datasets and huggingface_hub in offline mode for the block: a hub id is then looked up in
+    the local cache at once, instead of after the hub client's retries (half a minute or more)."""
+    import datasets
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = before
+
+
+def _load_with_datasets(source: str, flag: str = "--dataset") -> tuple[list[dict], callable]:
     """Rows of a file or hub id via `datasets` (cached under HF_DATASETS_CACHE), and a row -> line map."""
     import datasets
 
     datasets.disable_progress_bars()  # our own log line reports the load
     path = Path(source)
+    offline = None if path.exists() else hub_unreachable(offline=datasets.config.HF_HUB_OFFLINE)
     try:
         if path.exists():
             kind = FORMATS[path.suffix.lower()]
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+            if kind == "csv" and not _is_utf8(path):
+                return _read_csv_with_bad_bytes(path), lambda i: i + 2  # line 1 is the header
+            with held_logs("datasets"):
+                ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         else:
-            ds = datasets.load_dataset(source, split="train")
+            with held_logs("datasets"), _hub_offline() if offline else contextlib.nullcontext():
+                ds = datasets.load_dataset(source, split="train")
     except StepwiseError:
         raise
     except Exception as err:  # datasets raises many types; the user needs one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StepwiseError(f"{source}: could not load ({first})") from None
+        if offline:
+            raise offline_error(f"{flag} {source}", offline, "a local .json, .jsonl, .parquet or .csv file") from None
+        if isinstance(err, datasets.exceptions.DatasetGenerationError):
+            err = _root_cause(err)
+        raise StepwiseError(f"{source}: could not load ({first_line(err)})") from None
     if path.suffix.lower() == ".csv":
         return ds.to_list(), lambda i: i + 2  # line 1 is the header
     return ds.to_list(), lambda i: i + 1  # JSON Lines lines (a clean file has no blank ones) or row numbers
 
 
-def load_records(source: str, strict: bool = False) -> tuple[list[dict], LoadReport]:
-    """Normalised records of a file or hub dataset id, and what was skipped."""
+def load_records(source: str, strict: bool = False, flag: str = "--dataset") -> tuple[list[dict], LoadReport]:
+    """Normalised records of a file or hub dataset id, and what was skipped; flag names the option
+    that gave it, in the errors about a hub id."""
     report = LoadReport(source)
     path = Path(source)
     if path.suffix and not path.exists() and ("/" in source or path.suffix.lower() in FORMATS):
@@ -166,10 +260,10 @@ def load_records(source: str, strict: bool = False) -> tuple[list[dict], LoadRep
         rows, lines = scanned
         line_of = lines.__getitem__
     else:
-        rows, line_of = _load_with_datasets(source)
+        rows, line_of = _load_with_datasets(source, flag)
     records = []
     for i, row in enumerate(rows):
-        messages, reason = _normalise(row)
+        messages, reason = (None, NOT_UTF8) if _has_bad_bytes(row) else _normalise(row)
         if messages is None:
             _bad(report, strict, line_of(i), reason)
             continue
@@ -209,7 +303,7 @@ def load_train_val(dataset: str, val_dataset: str | None, val_fraction: float, s
         records, report = load_records(dataset, strict)
         reports = [report]
     if val_dataset:
-        val, report = load_records(val_dataset, strict)
+        val, report = load_records(val_dataset, strict, flag="--val_dataset")
         return records, val, reports + [report]
     train, val = split_records(records, val_fraction, seed)
     if not train:

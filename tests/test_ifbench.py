@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_generate import trained_checkpoint
 
 from trainer.cli import main as cli_main
 from trainer.cli.score import load_responses
@@ -205,10 +204,10 @@ def test_trainer_score_takes_the_ifbench_file(ifbench, tmp_path, capsys):
     assert sum(len(r["substituted"]) for r in data["results"]) == 29
 
 
-def test_trainer_eval_takes_the_ifbench_file(ifbench, tmp_path_factory, capsys):
+def test_trainer_eval_takes_the_ifbench_file(ifbench, trained_checkpoint, tmp_path_factory, capsys):
     prompts_path = ifbench[0]
     root = tmp_path_factory.mktemp("ifbench-eval")
-    assert cli_main(["eval", str(trained_checkpoint(tmp_path_factory)), "--prompts", str(prompts_path),
+    assert cli_main(["eval", str(trained_checkpoint), "--prompts", str(prompts_path),
                      "--limit", "3", "--max_new_tokens", "4", "--root", str(root)]) == 0
     (result,) = (root / "eval").glob("*.json")
     data = json.loads(result.read_text())

@@ -215,11 +215,10 @@ def test_export_command_line(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning")  # inside TRL and transformers
-def test_trl_reads_the_export_and_dpo_trains_on_it(tmp_path, tmp_path_factory, capsys):
+def test_trl_reads_the_export_and_dpo_trains_on_it(tmp_path, trained_checkpoint, capsys):
     pytest.importorskip("trl", reason="TRL is a dev dependency (pip install -e '.[dev]'): it checks the export")
     import torch
     from datasets import load_dataset
-    from test_generate import trained_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
     from trl.data_utils import is_conversational, maybe_apply_chat_template, maybe_extract_prompt
@@ -230,7 +229,7 @@ def test_trl_reads_the_export_and_dpo_trains_on_it(tmp_path, tmp_path_factory, c
     (tmp_path / "one").mkdir()
     single_turn_votes(tmp_path / "one")
     assert export(["--root", str(tmp_path / "one"), "--out", str(standard)], capsys)[0] == 0
-    checkpoint = trained_checkpoint(tmp_path_factory)
+    checkpoint = trained_checkpoint
     tok = AutoTokenizer.from_pretrained(checkpoint)
     for path, conv in ((standard, False), (conversational, True)):
         dataset = load_dataset("json", data_files=str(path), split="train")

@@ -54,7 +54,7 @@ def hub_unreachable(offline: bool | None = None) -> str | None:
     library's own offline setting (default: huggingface_hub's HF_HUB_OFFLINE)."""
     from huggingface_hub import constants
 
-    if offline if offline is not None else constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE if offline is None else offline:
         return "HF_HUB_OFFLINE is set"
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import ROOT, run_trainer
+from tests.support import ROOT, run_trainer
 from trainer.cli.options import config_parser, given, parse_config
 from trainer.core.config import load_saved, read_yaml, resolve
 from trainer.core.errors import StepwiseError

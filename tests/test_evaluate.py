@@ -11,20 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_generate import trained_checkpoint
 
+from tests.support import ROOT, SHARED, one_thread, python_env
 from trainer.cli import main as cli_main
-from trainer.core.config import Config, DataConfig
-from trainer.core.files import write_json_atomic
+from trainer.core.config import load_saved
 from trainer.evals.heldout import heldout_samples
 from trainer.evals.prompts import load_prompts
 from trainer.inference.generate import GenerationSettings
 from trainer.inference.loading import load_model
-from trainer.training.checkpoint import save_hf
 from trainer.training.data import load_train_val
 
-ROOT = Path(__file__).resolve().parents[1]
-IFEVAL = ROOT.parent / "shared" / "data" / "ifeval" / "input_data.jsonl"
+IFEVAL = SHARED / "ifeval" / "input_data.jsonl"
 
 
 def prompt_lines(leaked: str) -> list[dict]:
@@ -43,43 +40,23 @@ def prompt_lines(leaked: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    """checkpoints/demo-run/ with step-000010, step-000020 (other weights), final/ (= step 20),
-    training_metrics.json and a config.yaml of a small demo dataset; and a prompt file with one
-    prompt copied from that dataset's training split."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    trained = trained_checkpoint(tmp_path_factory)
-    base = tmp_path_factory.mktemp("eval")
-    run = base / "checkpoints" / "demo-run"
-    shutil.copytree(trained, run / "step-000010")
-    loaded = load_model(trained, device="cpu")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in loaded.model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    save_hf(loaded.model, loaded.tokenizer, run / "step-000020")
-    for step, loss in ((10, 2.5), (20, 2.25)):
-        write_json_atomic(run / f"step-{step:06d}" / "trainer_state.json", {"step": step, "val_loss": loss})
-    shutil.copytree(run / "step-000020", run / "final")
-    write_json_atomic(run / "training_metrics.json", {
-        "history": [{"step": 10, "epoch": 0.5, "train_loss": 3.0, "val_loss": 2.5},
-                    {"step": 20, "epoch": 1.0, "train_loss": 2.4, "val_loss": 2.25}],
-        "best": {"step": 20, "epoch": 1.0, "val_loss": 2.25, "checkpoint": "step-000020"}})
-    cfg = Config(data=DataConfig(demo_records=40))
-    (run / "config.yaml").write_text(cfg.to_yaml())
+def tree(eval_root, trained_checkpoint, tmp_path_factory):
+    """conftest's eval_root (demo-run/ with step-000010, step-000020 and final/ = step 20), and in a
+    folder of this module's a prompt file with one prompt copied from that run's training split."""
+    run = eval_root / "demo-run"
+    cfg = load_saved(run / "config.yaml")
     train, _, _ = load_train_val("demo", None, cfg.data.val_fraction, cfg.optim.seed, False, cfg.data.demo_records)
+    base = tmp_path_factory.mktemp("eval-tests")
     prompts = base / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in prompt_lines(train[0]["messages"][0]["content"])))
-    yield {"root": base / "checkpoints", "run": run, "prompts": prompts, "trained": trained, "base": base}
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield {"root": eval_root, "run": run, "prompts": prompts, "trained": trained_checkpoint, "base": base}
 
 
 def run_eval(args: list[str]) -> subprocess.CompletedProcess:
     # One torch thread: on two cores shared with other work, two spinning threads are several times slower.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "trainer", "eval", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "trainer", "eval", *args], cwd=ROOT,
+                          env=python_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
 
 
 def files_under(*folders: Path) -> dict[str, int]:
@@ -189,7 +166,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tree, capsys, case, exp
         prompt_file = str(bad)
     elif case == "limit":
         extra = ["--limit", "0"]
-    before = files_under(tree["base"])
+    before = files_under(tree["base"], tree["root"])
     code = cli_main(["eval", ckpt, "--prompts", prompt_file, "--root", str(tree["root"]), *extra])
     captured = capsys.readouterr()
     assert code == 2
@@ -198,7 +175,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tree, capsys, case, exp
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0]
     if case in ("no_weights", "no_tokenizer", "missing"):
         assert ckpt in lines[0]
-    assert files_under(tree["base"]) == before
+    assert files_under(tree["base"], tree["root"]) == before
 
 
 @pytest.mark.parametrize("device, expect", [

@@ -1,13 +1,13 @@
-"""trainer.inference.generate on a real tiny Llama, trained for a few seconds so its answers vary by prompt."""
+"""trainer.inference.generate on a real tiny Llama (conftest's trained_checkpoint: its answers vary by prompt)."""
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.support import one_thread
 from trainer.core.errors import StepwiseError
 from trainer.inference.generate import (
     Generation,
@@ -18,57 +18,13 @@ from trainer.inference.generate import (
     stream,
 )
 from trainer.inference.loading import load_model
-from trainer.training.batching import collate, tokenize
 from trainer.training.checkpoint import save_hf
-from trainer.training.models import build_demo_model, build_demo_tokenizer
-
-PAIRS = [
-    ("Name a fruit.", "An apple."), ("Name a colour.", "Blue."), ("Reverse: a b c", "c b a"),
-    ("What is 2 plus 3?", "5"), ("Name an animal.", "A cat says meow."), ("Sort: c a b", "a b c"),
-    ("Capital of France?", "Paris."), ("Say hello.", "Hello there, friend."),
-]
-
-
-def make_checkpoint(folder: Path, steps: int = 50, seed: int = 0, context_length: int = 64) -> Path:
-    """Train the demo Llama on PAIRS for `steps` full-batch AdamW steps (a few seconds) and save it
-    as a Hugging Face folder: enough for answers that differ by prompt and end with EOS."""
-    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in PAIRS]
-    texts = [m["content"] for r in records for m in r["messages"]] * 4 + ["### Instruction:\n", "### Response:\n"]
-    tok = build_demo_tokenizer(texts, vocab_size=320)
-    model = build_demo_model(tok, context_length, seed)
-    examples, _ = tokenize(tok, records, context_length)
-    batch = collate(examples, tok.pad_token_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on two shared cores, two spinning threads per process are slower than one
-    try:
-        torch.manual_seed(seed)
-        model.train()
-        for _ in range(steps):
-            model(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    save_hf(model, tok, tmp)
-    tmp.rename(folder)
-    return folder
-
-
-def trained_checkpoint(tmp_path_factory) -> Path:
-    """One trained tiny checkpoint per test session, shared by the generate, session and eval tests."""
-    folder = tmp_path_factory.getbasetemp() / "stepwise-trained-tiny"
-    return folder if folder.is_dir() else make_checkpoint(folder)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model(trained_checkpoint(tmp_path_factory), device="cpu")
-    torch.set_num_threads(threads)
+def tiny(trained_checkpoint):
+    with one_thread():
+        yield load_model(trained_checkpoint, device="cpu")
 
 
 CONVERSATIONS = [[{"role": "user", "content": q}] for q in [

@@ -3,7 +3,7 @@
 import json
 import random
 
-from tests.conftest import ROOT, run_trainer
+from tests.support import ROOT, run_trainer
 from trainer.cli.options import parse_config
 from trainer.training.plan import count
 
@@ -42,7 +42,7 @@ def test_plan_times_the_demo_config_for_real(tmp_path):
 
 
 def test_plan_reuses_a_recorded_speed(tiny_run):
-    from tests.conftest import TINY_ARGS
+    from tests.support import TINY_ARGS
 
     proc = run_trainer(["plan", *TINY_ARGS, "--output_dir", str(tiny_run.parent)])
     assert "recorded by run tiny" in proc.stdout

@@ -6,29 +6,25 @@ import shutil
 import threading
 
 import pytest
-import torch
-from test_generate import trained_checkpoint
 
 from app.session import CompareSession, ModelCache
+from tests.support import one_thread
 from trainer.core.errors import StepwiseError
 from trainer.inference.generate import GenerationSettings, generate_batch
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """A checkpoint root: run/step-000010 (the trained tiny model), run/step-000020 (a copy) and a
+def root(trained_checkpoint, tmp_path_factory):
+    """A checkpoint root: run/step-000010 (conftest's trained tiny model), run/step-000020 (a copy) and a
     broken run/step-000030 (config but no weights)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    trained = trained_checkpoint(tmp_path_factory)
     base = tmp_path_factory.mktemp("session")
     run = base / "checkpoints" / "run"
-    shutil.copytree(trained, run / "step-000010")
-    shutil.copytree(trained, run / "step-000020")
+    shutil.copytree(trained_checkpoint, run / "step-000010")
+    shutil.copytree(trained_checkpoint, run / "step-000020")
     (run / "step-000030").mkdir()
-    shutil.copy(trained / "config.json", run / "step-000030" / "config.json")
-    yield base / "checkpoints"
-    torch.set_num_threads(threads)
+    shutil.copy(trained_checkpoint / "config.json", run / "step-000030" / "config.json")
+    with one_thread():
+        yield base / "checkpoints"
 
 
 SETTINGS = GenerationSettings(max_new_tokens=10)
@@ -153,7 +149,7 @@ def test_model_cache_hits_and_evicts_by_budget(root):
     assert cache.nbytes == size and b is not a
     roomy = ModelCache(budget_bytes=size * 2)
     x, y = roomy.get(root / "run/step-000010"), roomy.get(root / "run/step-000020")
-    assert len(roomy) == 2
+    assert len(roomy) == 2 and x is not y
     roomy.get(root / "run/step-000010")  # now the most recently used
     shutil.copytree(root / "run/step-000020", root / "run/step-000040")
     roomy.get(root / "run/step-000040")

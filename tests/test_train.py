@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import ROOT, run_trainer
+from tests.support import ROOT, run_trainer
 from trainer.core.catalog import list_steps, step_dir_name
 from trainer.training.checkpoint import rotate
 

@@ -1,4 +1,4 @@
-"""How the REPL talks to a person: a rich terminal, plain lines, or a script (for tests).
+"""How the REPL talks to a person: a rich terminal or plain lines (tests/doubles.py has a scripted one).
 
 The loop in app/repl.py owns the histories and the commands; a ChatIO only reads a line, shows panels
 while they stream, and prints messages and tables (the split of FastChat's serve/inference.py and
@@ -64,7 +64,8 @@ def printable(text: str) -> str:
     return text.translate(_CONTROL)
 
 
-def _last(updates: Iterable[list[PanelView]]) -> list[PanelView]:
+def final_views(updates: Iterable[list[PanelView]]) -> list[PanelView]:
+    """The last state of a stream of panel updates (none: no panels), for a ChatIO that does not animate."""
     views: list[PanelView] = []
     for views in updates:
         pass
@@ -92,7 +93,7 @@ class PlainChatIO(ChatIO):
         return line
 
     def stream_output(self, updates: Iterable[list[PanelView]]) -> list[PanelView]:
-        views = _last(updates)
+        views = final_views(updates)
         for v in views:
             print(f"=== {v.title}{' (error)' if v.failed else ''}", file=self.out)
             print(printable(v.body), file=self.out)
@@ -113,36 +114,6 @@ class PlainChatIO(ChatIO):
         for row in [header, *rows]:
             print("\t".join(str(c).replace("\t", " ") for c in row), file=self.out)
         self.out.flush()
-
-
-class ScriptedChatIO(ChatIO):
-    """Reads from a list of lines and records everything shown: drives the loop in tests."""
-
-    def __init__(self, lines: Sequence[str]):
-        self.lines = list(lines)
-        self.outputs: list[list[PanelView]] = []
-        self.messages: list[str] = []
-        self.errors: list[str] = []
-        self.tables: list[tuple[str | None, list[str], list[list[str]]]] = []
-
-    def prompt_for_input(self, prompt: str) -> str:
-        if not self.lines:
-            raise EOFError
-        return self.lines.pop(0)
-
-    def stream_output(self, updates):
-        views = _last(updates)
-        self.outputs.append(views)
-        return views
-
-    def message(self, text: str) -> None:
-        self.messages.append(text)
-
-    def error(self, text: str) -> None:
-        self.errors.append(text)
-
-    def table(self, title, header, rows) -> None:
-        self.tables.append((title, list(header), [list(r) for r in rows]))
 
 
 def _is_number(cell: str) -> bool:

@@ -11,10 +11,10 @@ from app.chatio import (
     PanelView,
     PlainChatIO,
     RichChatIO,
-    ScriptedChatIO,
     panels_renderable,
     printable,
 )
+from tests.doubles import ScriptedChatIO
 
 UPDATES = [
     [PanelView("[1] run · step 10", "al"), PanelView("[2] run · step 20", "")],

@@ -9,28 +9,19 @@ IFEval checks tell them apart.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from app import repl
-from app.chatio import ScriptedChatIO
 from app.session import CompareSession, ModelCache
+from tests.doubles import ScriptedChatIO
+from tests.support import ANSWERS, ROOT, python_env
 from trainer.core.catalog import CheckpointInfo, RunInfo
 from trainer.inference.generate import GenerationSettings
-from trainer.training.batching import collate, tokenize
-from trainer.training.checkpoint import save_hf
-from trainer.training.models import build_demo_model, build_demo_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-ANSWERS = {10: "alpha beta gamma delta.", 20: "THE SEA IS VERY BLUE TODAY."}
-TRAIN_PROMPTS = ["hello", "write a short poem about the sea", "say something", "what is two plus two?",
-                 "describe a cat", "answer in capitals", "tell me about your day"]
 HELDOUT = [
     {"key": "caps", "prompt": "answer in capitals", "instruction_id_list": ["change_case:english_capital"],
      "kwargs": [{}]},
@@ -40,46 +31,17 @@ HELDOUT = [
 ]
 
 
-def _train(tok, answer: str, seed: int):
-    """A few optimizer steps on one answer: after them greedy decoding gives it to any prompt."""
-    torch.manual_seed(seed)
-    model = build_demo_model(tok, 128, seed)
-    records = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": answer}]}
-               for p in TRAIN_PROMPTS]
-    batch = collate(tokenize(tok, records, 128)[0], tok.pad_token_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(30):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
+@pytest.fixture(scope="module")
+def ckpts(answers_root) -> Path:
+    """conftest's answers_root: root/tiny/{step-000010, step-000020, final (= step 20)}."""
+    return answers_root
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory) -> Path:
-    """root/tiny/{step-000010, step-000020, final (= step 20)} with val losses and a best mark."""
-    root = tmp_path_factory.mktemp("repl")
-    run = root / "tiny"
-    tok = build_demo_tokenizer((TRAIN_PROMPTS + list(ANSWERS.values())) * 5, vocab_size=400)
-    losses = {10: 2.5, 20: 1.25}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: on a busy shared CPU, more threads only wait for each other
-    try:
-        models = {step: _train(tok, answer, step) for step, answer in ANSWERS.items()}
-    finally:
-        torch.set_num_threads(threads)
-    for step, model in models.items():
-        folder = run / f"step-{step:06d}"
-        save_hf(model, tok, folder)
-        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": 1.0,
-                                                               "val_loss": losses[step], "metrics": {}}))
-    shutil.copytree(run / "step-000020", run / "final")
-    (run / "training_metrics.json").write_text(json.dumps({
-        "history": [{"step": s, "epoch": 1.0, "train_loss": 3.0, "val_loss": v} for s, v in losses.items()],
-        "best": {"step": 20, "epoch": 1.0, "val_loss": 1.25, "checkpoint": "step-000020"}}))
-    (root / "heldout.jsonl").write_text("".join(json.dumps(p) + "\n" for p in HELDOUT))
-    return root
+def heldout(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("repl") / "heldout.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in HELDOUT))
+    return path
 
 
 def _paths(root: Path) -> list[str]:
@@ -87,14 +49,14 @@ def _paths(root: Path) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return python_env(PYTHONUNBUFFERED="1")
 
 
-def test_pty_session(ckpts):
+def test_pty_session(ckpts, heldout):
     """A person at a terminal: two panels answer, /heldout scores, a typo is one line, /quit is 0.
     (pexpect answers no cursor-position requests, so prompt_toolkit is told not to send them.)"""
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "app.repl", *_paths(ckpts), "--prompts", str(ckpts / "heldout.jsonl"),
+    child = pexpect.spawn(sys.executable, ["-m", "app.repl", *_paths(ckpts), "--prompts", str(heldout),
                                            "--max_new_tokens", "16"],
                           cwd=str(ROOT), env={**_env(), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}, dimensions=(60, 160), encoding="utf-8",
                           timeout=60)
@@ -121,9 +83,9 @@ def test_pty_session(ckpts):
     assert child.exitstatus == 0, child.before
 
 
-def test_spot_check_is_parseable(ckpts):
+def test_spot_check_is_parseable(ckpts, heldout):
     proc = subprocess.run([sys.executable, "-m", "app.repl", *_paths(ckpts), "--spot-check", "3",
-                           "--prompts", str(ckpts / "heldout.jsonl"), "--max_new_tokens", "16"],
+                           "--prompts", str(heldout), "--max_new_tokens", "16"],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -145,19 +107,19 @@ def session(ckpts):
     return CompareSession(_paths(ckpts), settings=GenerationSettings(max_new_tokens=16))
 
 
-def _run(session, ckpts, lines):
+def _run(session, ckpts, heldout, lines):
     session.reset()
     io = ScriptedChatIO(lines)
-    r = repl.Repl(session, io, ckpts, str(ckpts / "heldout.jsonl"), seed=0)
+    r = repl.Repl(session, io, ckpts, str(heldout), seed=0)
     assert r.run() == 0
     return r, io
 
 
-def test_chat_history_score_and_save(session, ckpts, tmp_path):
-    r, io = _run(session, ckpts, ["hello", "answer in capitals", "/score", "/score change_case:english_lowercase",
-                                  '/score length_constraints:number_words relation="less than" num_words=5',
-                                  "/score length_constraints:number_words",
-                                  f"/save {tmp_path / 't.json'}", f"/save {tmp_path / 't.md'}"])
+def test_chat_history_score_and_save(session, ckpts, heldout, tmp_path):
+    r, io = _run(session, ckpts, heldout, [
+        "hello", "answer in capitals", "/score", "/score change_case:english_lowercase",
+        '/score length_constraints:number_words relation="less than" num_words=5',
+        "/score length_constraints:number_words", f"/save {tmp_path / 't.json'}", f"/save {tmp_path / 't.md'}"])
     assert [v.body for v in io.outputs[0]] == [ANSWERS[10], ANSWERS[20]]
     assert all(len(s.history) == 4 for s in session.sides)  # two turns each
     assert io.outputs[1][0].subtitle.startswith("turn 2")
@@ -173,8 +135,8 @@ def test_chat_history_score_and_save(session, ckpts, tmp_path):
     assert ANSWERS[10] in (tmp_path / "t.md").read_text()
 
 
-def test_heldout_table(session, ckpts):
-    r, io = _run(session, ckpts, ["/heldout 3"])
+def test_heldout_table(session, ckpts, heldout):
+    r, io = _run(session, ckpts, heldout, ["/heldout 3"])
     assert len(io.outputs) == 3
     (title, header, rows), = io.tables
     assert header[:3] == ["checkpoint", "n", "if_prompt_strict"]
@@ -185,10 +147,11 @@ def test_heldout_table(session, ckpts):
     assert all(s.history == [] for s in session.sides)  # held-out prompts leave the chat alone
 
 
-def test_mistakes_are_one_line_and_the_loop_goes_on(session, ckpts):
-    r, io = _run(session, ckpts, ["/frobnicate", "/load /no/such/ckpt", "/drop 7", "/params temperature=-1",
-                                  "/params top_k=many", "/params color=blue", "/heldout zero", "/score",
-                                  "/load 1", "/drop 3", "/params temperature=0.5 seed=none", "/reset"])
+def test_mistakes_are_one_line_and_the_loop_goes_on(session, ckpts, heldout):
+    r, io = _run(session, ckpts, heldout, [
+        "/frobnicate", "/load /no/such/ckpt", "/drop 7", "/params temperature=-1", "/params top_k=many",
+        "/params color=blue", "/heldout zero", "/score", "/load 1", "/drop 3", "/params temperature=0.5 seed=none",
+        "/reset"])
     assert len(io.errors) == 8, io.errors
     assert all("\n" not in e for e in io.errors)
     assert "unknown command /frobnicate" in io.errors[0]
@@ -199,11 +162,11 @@ def test_mistakes_are_one_line_and_the_loop_goes_on(session, ckpts):
     session.settings = GenerationSettings(max_new_tokens=16)
 
 
-def test_load_keeps_every_panel_in_the_cache(ckpts):
+def test_load_keeps_every_panel_in_the_cache(ckpts, heldout):
     """Every turn uses every panel: a cache budget below their sum would reload models each prompt."""
     session = CompareSession(cache=ModelCache(budget_bytes=1))
     io = ScriptedChatIO([f"/load {p}" for p in [*_paths(ckpts), ckpts / "tiny" / "final"]])
-    repl.Repl(session, io, ckpts, str(ckpts / "heldout.jsonl")).run()
+    repl.Repl(session, io, ckpts, str(heldout)).run()
     assert io.errors == [] and len(session.sides) == 3
     assert all(s.path in session.cache for s in session.sides)
 
@@ -239,10 +202,10 @@ def test_run_selection_spreads_and_keeps_final(tmp_path):
     assert repl.run_selection(RunInfo(tmp_path, "r", steps[:2], {})) == [s.path for s in steps[:2]]
 
 
-def test_completion_offers_commands_checkpoints_and_settings(session, ckpts):
+def test_completion_offers_commands_checkpoints_and_settings(session, ckpts, heldout):
     from prompt_toolkit.document import Document
 
-    completer = repl.CommandCompleter(repl.Repl(session, ScriptedChatIO([]), ckpts, str(ckpts / "heldout.jsonl")))
+    completer = repl.CommandCompleter(repl.Repl(session, ScriptedChatIO([]), ckpts, str(heldout)))
 
     def complete(text):
         return [c.text for c in completer.get_completions(Document(text), None)]

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support import ROOT, python_env
 from trainer.cli import score as score_cmd
 from trainer.core.errors import StepwiseError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = [
     {"key": "low", "prompt": "Say hello in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
@@ -39,8 +37,7 @@ def files(tmp_path) -> tuple[Path, Path, Path]:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"}
-    return subprocess.run([sys.executable, "-m", "trainer", "score", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "trainer", "score", *args], cwd=ROOT, env=python_env(COLUMNS="120"),
                           capture_output=True, text=True, timeout=120)
 
 

@@ -4,15 +4,11 @@ real server in a subprocess driven through gradio_client (API, path escapes, 20 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -25,118 +21,14 @@ from app.web_common import (
     resolve_run,
     scores_html,
 )
+from tests.support import ROOT, WEB_PROMPTS, Server, copy_root, free_port, python_env
 from trainer.core.errors import StepwiseError
-
-ROOT = Path(__file__).resolve().parents[1]
-
-PROMPTS = [
-    {"key": "lower", "prompt": "Write one sentence about cats, all in lowercase.",
-     "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}], "reference": "cats are small cats."},
-    {"key": "words", "prompt": "Name three colours in fewer than 20 words.",
-     "instruction_id_list": ["length_constraints:number_words"],
-     "kwargs": [{"relation": "less than", "num_words": 20}], "reference": "red green blue"},
-]
-
-
-# --- fixture: a small run in the trainer's layout ----------------------------------------------------
-
-def make_demo_root(root: Path, steps=(10, 20, 30), run: str = "demo") -> Path:
-    """root/<run>/ with config.yaml, training_metrics.json, step folders (tiny random Llamas with
-    trainer_state.json and samples.jsonl) and final/ (a copy of the best); also root/prompts.jsonl.
-    The layout of design section 3, made without training so these tests run in seconds."""
-    from trainer.core.catalog import step_dir_name
-    from trainer.core.config import Config
-    from trainer.evals.prompts import load_prompts
-    from trainer.evals.scoring import score_response
-    from trainer.training.checkpoint import save_hf, write_final
-    from trainer.training.models import build_demo_model, build_demo_tokenizer
-
-    run_dir = root / run
-    run_dir.mkdir(parents=True)
-    prompt_file = root / "prompts.jsonl"
-    prompt_file.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    heldout = load_prompts(prompt_file)
-    texts = [p["prompt"] + " " + p["reference"] for p in PROMPTS] * 4 + ["### Instruction:\n", "### Response:\n"]
-    tok = build_demo_tokenizer(texts, vocab_size=300)
-    (run_dir / "config.yaml").write_text(Config().to_yaml())
-    history, vals = [], {}
-    for n, step in enumerate(steps):
-        val = 3.0 - 0.5 * n if n < 2 else 2.5 + 0.2 * (n - 1)  # best at the second checkpoint
-        vals[step] = val
-        for s in range(step - 10 + 5, step + 1, 5):
-            history.append({"step": s, "epoch": s / 100, "train_loss": 3.5 - s / 20, "lr": 1e-3, "tokens": s * 100})
-        history[-1].update(val_loss=val, val_ppl=2.718 ** val, if_prompt_strict=0.5, rougeL=0.1 * n)
-        folder = run_dir / step_dir_name(step)
-        model = build_demo_model(tok, 128, seed=n)
-        save_hf(model, tok, folder)
-        samples = [{**score_response(p, f"answer {p.key} at step {step}"), "finished": True, "new_tokens": 5}
-                   for p in heldout]
-        (folder / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-        (folder / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "epoch": step / 100, "val_loss": val, "metrics": {"if_prompt_strict": 0.5, "rougeL": 0.1}}))
-    best = min(vals, key=vals.get)
-    write_final(run_dir, run_dir / step_dir_name(best))
-    (run_dir / "training_metrics.json").write_text(json.dumps({
-        "history": history, "best": {"step": best, "epoch": best / 100, "val_loss": vals[best],
-                                     "checkpoint": step_dir_name(best), "metric": "val_loss", "value": vals[best]},
-        "early_stopping": {"metric": "val_loss", "patience": 3, "threshold": 0.0, "best_value": vals[best],
-                           "bad_evals": 1, "stopped": False},
-        "trend": "overfitting", "stop_reason": f"finished: reached {steps[-1]} steps",
-        "recommendation": "overfitting (val loss rising while train loss falls): stop",
-        "data": {"train_examples": 570, "val_examples": 30, "steps_per_epoch": 100}}))
-    return run_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m app.web` in a subprocess, as `make app` starts it."""
-
-    def __init__(self, root: Path, log: Path, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.web", "--root", str(root), "--port", str(self.port),
-                                      "--prompts", str(root / "prompts.jsonl"), *extra],
-                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{log.read_text()}")
-            try:
-                urllib.request.urlopen(self.url, timeout=2).read()
-                return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise AssertionError(f"server did not come up:\n{log.read_text()}")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None and urllib.request.urlopen(self.url, timeout=5).status == 200
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("web") / "checkpoints"
-    make_demo_root(root)
-    # A checkpoint that cannot load (its weights are not safetensors) and one outside the root.
-    broken = root / "broken" / "step-000010"
-    shutil.copytree(root / "demo" / "step-000010", broken)
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+def demo_root(web_root, tmp_path_factory):
+    """A copy of conftest's web_root (demo/, broken/, prompts.jsonl) with a checkpoint outside it."""
+    root = copy_root(web_root, tmp_path_factory.mktemp("web") / "checkpoints")
     shutil.copytree(root / "demo" / "step-000010", root.parent / "outside" / "step-000010")
     return root
 
@@ -245,9 +137,9 @@ def test_cli_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path, case, expe
     root = tmp_path / "checkpoints"
     root.mkdir()
     good = tmp_path / "good.jsonl"
-    good.write_text(json.dumps(PROMPTS[0]) + "\n")
+    good.write_text(json.dumps(WEB_PROMPTS[0]) + "\n")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(PROMPTS[0]) + "\n{not json\n" if case == "bad_prompts" else
+    bad.write_text(json.dumps(WEB_PROMPTS[0]) + "\n{not json\n" if case == "bad_prompts" else
                    json.dumps({"prompt": "hi", "instruction_id_list": ["no:such"], "kwargs": [{}]}) + "\n")
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -262,10 +154,10 @@ def test_cli_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path, case, expe
     if case == "port_in_use":
         args += ["--port", str(port)]
     before = sorted(tmp_path.rglob("*"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
     try:
-        proc = subprocess.run([sys.executable, "-m", "app.web", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-m", "app.web", *args], cwd=ROOT,
+                              env=python_env(GRADIO_ANALYTICS_ENABLED="False"), capture_output=True, text=True,
+                              timeout=120)
     finally:
         busy.close()
     assert proc.returncode == 2

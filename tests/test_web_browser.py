@@ -11,9 +11,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_web import Server, make_demo_root
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+from tests.support import ROOT, Server, copy_root
+
+ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 # The closed network makes Chromium's background connections fail (and stall) otherwise.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -22,13 +23,10 @@ TIMEOUT_MS = 30_000
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("browser") / "checkpoints"
-    make_demo_root(root)
-    broken = root / "broken" / "step-000010"  # loads as nothing: its weights are not safetensors
-    shutil.copytree(root / "demo" / "step-000010", broken)
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    return root
+def root(web_root, tmp_path_factory) -> Path:
+    """A copy of conftest's web_root (demo/, broken/ that cannot load, prompts.jsonl): the tests add a
+    checkpoint and a vote to it."""
+    return copy_root(web_root, tmp_path_factory.mktemp("browser") / "checkpoints")
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,7 @@ class Reporter:
 
     def error(self, text: str) -> None:
         if self.enabled:
-            Console(stderr=True).print(f"error: {text}", markup=False, highlight=False)
+            Console(stderr=True, soft_wrap=True).print(f"error: {text}", markup=False, highlight=False)
 
     def advance(self, step: int, epoch: float, loss: float, lr: float) -> None:
         self.fields.update(epoch=epoch, loss=loss, lr=lr)

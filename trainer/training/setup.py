@@ -20,6 +20,7 @@ from trainer.core.config import Config
 from trainer.core.errors import StepwiseError
 from trainer.evals.contamination import check_prompts_against_records, warn
 from trainer.evals.prompts import HeldoutPrompt, load_prompts
+from trainer.inference.loading import check_weights
 from trainer.training.batching import collate, micro_batches, padding_efficiency, steps_per_epoch, tokenize
 from trainer.training.checkpoint import clean_leftovers, weights_finite
 from trainer.training.data import load_train_val
@@ -152,8 +153,10 @@ def check_paths(cfg: Config) -> None:
     if cfg.eval.eval_prompts and not Path(cfg.eval.eval_prompts).is_file():
         raise StepwiseError(f"--eval_prompts {cfg.eval.eval_prompts}: no such file")
     model = cfg.model.pretrained_model
-    if model != "demo" and model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+    if model != "demo" and model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         raise StepwiseError(f"--pretrained_model {model}: no such folder")
+    if model != "demo" and Path(model).expanduser().is_dir() and not cfg.run.resume:
+        check_weights(Path(model).expanduser(), f"--pretrained_model {model}")  # pickled or damaged weights
 
 
 def resume_checkpoint(run_dir: Path, reporter: Reporter) -> Path:

@@ -1,7 +1,17 @@
 """What the REPL and the web app share about choosing checkpoints from a catalogue and showing their
-numbers: an even spread of a run's checkpoints, a kept-or-first choice, and one way to print a value."""
+numbers: an even spread of a run's checkpoints, a kept-or-first choice, a checkpoint's short id, and
+one way to print a value. A checkpoint's label for people is trainer.core.catalog's."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+
+def checkpoint_id(path: str | Path) -> str:
+    """`run/step-000500`: the folder and its run's name. Unlike the label it is an id: /load takes it,
+    and a script reading the plain spot-check table can split it."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}"
 
 
 def spread(items: list, k: int) -> list:

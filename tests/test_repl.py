@@ -1,5 +1,5 @@
-"""The REPL over two real tiny checkpoints: through a pseudo-terminal, in-process with a scripted
-ChatIO, and `--spot-check` parsed as a script would.
+"""The REPL (app/repl.py, app/repl_loop.py) over two real tiny checkpoints: through a pseudo-terminal,
+in-process with a scripted ChatIO, and `--spot-check` parsed as a script would.
 
 The checkpoints are the demo Llama, each trained for a few steps to give one fixed answer, so what
 the panels must show is known: step 10 says a lowercase line, step 20 an uppercase one, and the
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from app import repl
+from app.repl_loop import CommandCompleter, Repl, run_selection
 from app.session import CompareSession, ModelCache
 from tests.doubles import ScriptedChatIO
 from tests.support import ANSWERS, ROOT, python_env
@@ -110,7 +111,7 @@ def session(ckpts):
 def _run(session, ckpts, heldout, lines):
     session.reset()
     io = ScriptedChatIO(lines)
-    r = repl.Repl(session, io, ckpts, str(heldout), seed=0)
+    r = Repl(session, io, ckpts, str(heldout), seed=0)
     assert r.run() == 0
     return r, io
 
@@ -166,7 +167,7 @@ def test_load_keeps_every_panel_in_the_cache(ckpts, heldout):
     """Every turn uses every panel: a cache budget below their sum would reload models each prompt."""
     session = CompareSession(cache=ModelCache(budget_bytes=1))
     io = ScriptedChatIO([f"/load {p}" for p in [*_paths(ckpts), ckpts / "tiny" / "final"]])
-    repl.Repl(session, io, ckpts, str(heldout)).run()
+    Repl(session, io, ckpts, str(heldout)).run()
     assert io.errors == [] and len(session.sides) == 3
     assert all(s.path in session.cache for s in session.sides)
 
@@ -197,15 +198,15 @@ def test_prompt_once_plain(ckpts, capsys):
 def test_run_selection_spreads_and_keeps_final(tmp_path):
     steps = [CheckpointInfo(tmp_path / f"step-{s:06d}", "r", s) for s in range(100, 1100, 100)]
     final = CheckpointInfo(tmp_path / "final", "r", 700, is_final=True)
-    picked = repl.run_selection(RunInfo(tmp_path, "r", steps + [final], {}))
+    picked = run_selection(RunInfo(tmp_path, "r", steps + [final], {}))
     assert [p.name for p in picked] == ["step-000100", "step-000500", "step-001000", "final"]
-    assert repl.run_selection(RunInfo(tmp_path, "r", steps[:2], {})) == [s.path for s in steps[:2]]
+    assert run_selection(RunInfo(tmp_path, "r", steps[:2], {})) == [s.path for s in steps[:2]]
 
 
 def test_completion_offers_commands_checkpoints_and_settings(session, ckpts, heldout):
     from prompt_toolkit.document import Document
 
-    completer = repl.CommandCompleter(repl.Repl(session, ScriptedChatIO([]), ckpts, str(heldout)))
+    completer = CommandCompleter(Repl(session, ScriptedChatIO([]), ckpts, str(heldout)))
 
     def complete(text):
         return [c.text for c in completer.get_completions(Document(text), None)]

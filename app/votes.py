@@ -27,7 +27,7 @@ from pathlib import Path
 
 from trainer.cli.args import ArgumentParser, run_command
 from trainer.core.errors import StepwiseError
-from trainer.core.files import write_text_atomic
+from trainer.core.files import read_jsonl_lenient, write_text_atomic
 
 VOTES_FILE = "votes.jsonl"
 OUTCOMES = ("a", "b", "tie", "both_bad")
@@ -107,14 +107,10 @@ class VoteStore:
 
     def read_counted(self) -> tuple[list[Vote], int]:
         """(read()'s votes, the number of non-blank lines skipped as bad)."""
-        if not self.path.is_file():
-            return [], 0
-        votes, bad = [], 0
-        for line in self.path.read_text(errors="replace").splitlines():
-            if not line.strip():
-                continue
+        rows, bad = read_jsonl_lenient(self.path)
+        votes = []
+        for raw in rows:
             try:
-                raw = json.loads(line)
                 votes.append(Vote(**{k: raw[k] for k in raw if k in Vote.__dataclass_fields__}))
             except (ValueError, TypeError, StepwiseError):
                 bad += 1

@@ -71,6 +71,29 @@ def read_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, str, object]]
             raise StepwiseError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
 
 
+def read_jsonl_lenient(path: Path) -> tuple[list[dict], int]:
+    """(the JSON objects, the number of bad non-blank lines) of a JSON Lines file read for display or
+    counting (votes, samples): a torn last line or a hand-edited bad one is skipped, not fatal; a
+    missing file is empty."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        return [], 0
+    rows, bad = [], 0
+    for raw in text.splitlines():
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

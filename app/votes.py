@@ -62,6 +62,9 @@ class Vote:
     """A's and B's conversations before their answers: lists of {role, content} ending with the user
     turn `prompt` (each column keeps its own history, so earlier answers can differ). Empty for a
     single-turn vote recorded without it, and in lines written before the field existed."""
+    blind: bool = False
+    """The voter did not see which checkpoints A and B were (blind mode in the app or the REPL): such
+    votes are rated apart from open ones, since seeing "step 3000" biases a vote."""
 
     def __post_init__(self):
         if self.outcome not in OUTCOMES:

@@ -33,7 +33,7 @@ def test_append_and_read_back_without_personal_data(tmp_path):
     lines = (tmp_path / "votes.jsonl").read_text().splitlines()
     assert len(lines) == 2
     first = json.loads(lines[0])
-    assert set(first) == {"a", "b", "outcome", "prompt", "answers", "key", "settings", "time", "histories"}
+    assert set(first) == {"a", "b", "outcome", "prompt", "answers", "key", "settings", "time", "histories", "blind"}
     assert first["time"].endswith("Z")
     assert [v.outcome for v in store.read()] == ["b", "tie"]
 

@@ -97,7 +97,7 @@ def bench_hf_trainer(model, tokenizer, examples: list[dict], mini_batch_size: in
                                  logging_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed)
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
                           data_collator=collate, callbacks=[clock])
-        trainer.training.loop()
+        trainer.train()
     measured = counts[warmup:warmup + steps]
     return {"seconds": clock.marks[-1] - clock.marks[warmup - 1], "tokens": sum(c[0] for c in measured),
             "supervised": sum(c[1] for c in measured)}
@@ -148,7 +148,7 @@ def main() -> int:
         rows.append(sps)
         print(f"{name:<11} {tps:>9,.0f} non-padding tok/s  {sps:>9,.0f} supervised tok/s  "
               f"MFU {tps * fpt / peak:.1%}")
-    print(f"ratio stepwise / hf-trainer (supervised tok/s): {rows[0] / rows[1]:.2f}x  (goal >= 2.0x)")
+    print(f"ratio stepwise / hf-trainer (supervised tok/s): {rows[0] / rows[1]:.2f}x")
     return 0
 
 

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.core.catalog import WEIGHT_FILES
-from trainer.core.errors import StepwiseError
+from trainer.core.catalog import weights_identity
+from trainer.core.errors import StepwiseError, first_line
 from trainer.inference.generate import Generation, GenerationSettings, stream
 from trainer.inference.loading import LoadedModel, load_model
 
@@ -37,12 +37,8 @@ class ModelCache:
 
     @staticmethod
     def _key(path) -> tuple:
-        p = Path(path)
-        if not p.is_dir():
-            return (str(path),)
-        weights = next((p / w for w in WEIGHT_FILES if (p / w).is_file()), None)
-        stat = weights.stat() if weights else None
-        return (str(p.resolve()), stat.st_mtime_ns if stat else None, stat.st_size if stat else None)
+        """trainer.core.catalog.weights_identity, hashable: the weights file's path, size and mtime."""
+        return tuple(sorted((k, str(v)) for k, v in weights_identity(path).items()))
 
     @property
     def nbytes(self) -> int:
@@ -189,7 +185,7 @@ class CompareSession:
                     if shutdown.is_set():
                         break
             except Exception as err:  # reported on this side; the other sides go on
-                text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                text = first_line(err)
                 events.put((i, "error", text if isinstance(err, StepwiseError) else f"{type(err).__name__}: {text}"))
             finally:
                 events.put((i, "end", None))

@@ -33,8 +33,8 @@ from app.web_compare import CompareTab, check_prompt, settings_from
 from app.web_eval import build_eval_tab
 from app.web_timeline import build_timeline_tab
 from app.web_training import build_training_tab
-from trainer.cli.args import ArgumentParser
-from trainer.core.errors import StepwiseError
+from trainer.cli.args import ArgumentParser, run_command
+from trainer.core.errors import StepwiseError, first_line
 from trainer.evals.prompts import load_prompts
 
 INTRO = ("**Stepwise**: is step 1500 better than step 1000? Pick a checkpoint per column, send a prompt "
@@ -171,34 +171,34 @@ def check_address(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(serve, sys.argv[1:] if argv is None else argv)
+
+
+def serve(argv: list[str]) -> int:
+    """Check every flag, then build the page and serve it until Ctrl-C."""
     args = parse_args(argv)
     root = Path(args.root)
-    try:
-        if not root.is_dir():
-            raise StepwiseError(f"--root {args.root}: no such folder (run `make train` first)")
-        if args.max_new_tokens < 1 or args.max_prompt_chars < 1 or args.concurrency < 1 or args.cache_gb <= 0:
-            raise StepwiseError("--max_new_tokens, --max_prompt_chars, --concurrency and --cache_gb must be positive")
-        prompt_files = [Path(f) for f in args.prompts or []]
-        for f in prompt_files:
-            try:
-                load_prompts(f)  # a bad line fails now, not when a browser draws a prompt from it
-            except StepwiseError as err:
-                raise StepwiseError(f"--prompts {err}") from None
-        check_address(args.host, args.port)
-        cfg = WebConfig(root=root, prompt_files=prompt_files, max_new_tokens=args.max_new_tokens,
-                        max_prompt_chars=args.max_prompt_chars, cache_bytes=int(args.cache_gb * (1 << 30)),
-                        concurrency=args.concurrency)
-    except StepwiseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if not root.is_dir():
+        raise StepwiseError(f"--root {args.root}: no such folder (run `make train` first)")
+    if args.max_new_tokens < 1 or args.max_prompt_chars < 1 or args.concurrency < 1 or args.cache_gb <= 0:
+        raise StepwiseError("--max_new_tokens, --max_prompt_chars, --concurrency and --cache_gb must be positive")
+    prompt_files = [Path(f) for f in args.prompts or []]
+    for f in prompt_files:
+        try:
+            load_prompts(f)  # a bad line fails now, not when a browser draws a prompt from it
+        except StepwiseError as err:
+            raise StepwiseError(f"--prompts {err}") from None
+    check_address(args.host, args.port)
+    cfg = WebConfig(root=root, prompt_files=prompt_files, max_new_tokens=args.max_new_tokens,
+                    max_prompt_chars=args.max_prompt_chars, cache_bytes=int(args.cache_gb * (1 << 30)),
+                    concurrency=args.concurrency)
     demo = build_app(cfg)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True,
                     run_history=False, footer_links=["api"], enable_monitoring=False, quiet=False)
     except OSError as err:  # taken between the check and the launch
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
-        print(f"error: --host {args.host} --port {args.port}: cannot serve there ({first})", file=sys.stderr)
-        return 2
+        raise StepwiseError(f"--host {args.host} --port {args.port}: cannot serve there "
+                            f"({first_line(err).split('. ')[0]})") from None
     return 0
 
 

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from app.catalog import fmt as catalog_fmt
 from app.catalog import keep_choice, spread
-from trainer.core.catalog import CheckpointInfo, RunInfo, is_checkpoint, list_runs
+from trainer.core.catalog import RunInfo, is_checkpoint, list_runs
 from trainer.core.errors import StepwiseError
-
-REPO = Path(__file__).resolve().parents[1]
+from trainer.core.resources import data_path
 MIN_SIDES, MAX_SIDES = 2, 4
 SIDE_NAMES = "ABCD"
 
@@ -43,7 +42,7 @@ class WebConfig:
         self.root = Path(self.root).resolve()
         if not self.prompt_files:
             # The IFEval-style file first: its constraints are what the demo is about.
-            self.prompt_files = sorted((REPO / "eval_prompts").glob("*.jsonl"), key=lambda p: "ifeval" not in p.name)
+            self.prompt_files = sorted(data_path("eval_prompts").glob("*.jsonl"), key=lambda p: "ifeval" not in p.name)
 
 
 # --- the guard -----------------------------------------------------------------------------------
@@ -90,13 +89,10 @@ def runs(root: Path) -> list[RunInfo]:
         return []
 
 
-def checkpoint_label(info: CheckpointInfo) -> str:
-    return info.label
-
-
 def checkpoint_choices(root: Path) -> list[tuple[str, str]]:
-    """(label, value) for every checkpoint under root: runs newest first, steps in order, then final."""
-    return [(checkpoint_label(c), rel(root, c.path)) for r in runs(root) for c in r.checkpoints]
+    """(label, value) for every checkpoint under root: runs newest first, steps in order, then final;
+    the label is the catalogue's CheckpointInfo.label, as in the REPL and the other tabs."""
+    return [(c.label, rel(root, c.path)) for r in runs(root) for c in r.checkpoints]
 
 
 def default_picks(choices: list[tuple[str, str]], n: int) -> list[str | None]:

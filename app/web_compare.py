@@ -34,8 +34,9 @@ from app.web_common import (
     scores_html,
 )
 from trainer.core.errors import StepwiseError
+from trainer.evals.heldout import score_generation
 from trainer.evals.prompts import HeldoutPrompt, load_prompts
-from trainer.evals.scoring import score_response, words
+from trainer.evals.scoring import words
 from trainer.inference.generate import Generation, GenerationSettings
 
 
@@ -222,7 +223,7 @@ class CompareTab:
                 yield self.render(browser, snaps)
             browser.turn += 1
             if heldout is not None:
-                browser.scores = [score_response(heldout, s.last.text) if s.last and s.error is None and
+                browser.scores = [score_generation(heldout, s.last) if s.last and s.error is None and
                                   len(s.history) >= 2 and s.history[-2]["content"] == heldout.prompt else None
                                   for s in browser.session.sides]
             yield self.render(browser)

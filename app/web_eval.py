@@ -1,6 +1,6 @@
 """Eval tab: held-out scoring on chosen checkpoints, with a progress bar, a summary table and the
-per-prompt answers side by side. The generation and scores are the trainer's own (trainer.cli.evaluate),
-so a number here is the number `trainer eval` and the training run report."""
+per-prompt answers side by side. Generation and scores are trainer.evals.heldout's, the path of
+`trainer eval` and of the training run's reports, so a number here is the number they give."""
 
 from __future__ import annotations
 
@@ -20,19 +20,13 @@ from app.web_common import (
 from trainer.core.errors import StepwiseError
 from trainer.evals.heldout import heldout_samples
 from trainer.evals.prompts import load_prompts
-from trainer.evals.scoring import SUMMARY_METRICS, summarize
+from trainer.evals.scoring import SUMMARY_METRICS
 from trainer.inference.generate import GenerationSettings
 
 SUMMARY_KEYS = (*SUMMARY_METRICS, "mean_length")
 SUMMARY_HEADERS = ["checkpoint", "n", *SUMMARY_KEYS, "finished"]
 MAX_EVAL_PROMPTS = 200
-CHUNK = 8  # prompts per call, so the progress bar moves within a checkpoint
-
-
-def score_chunk(loaded, prompts, settings: GenerationSettings) -> list[dict]:
-    """Score rows (score_response + finished, new_tokens) for a few prompts: trainer eval's own."""
-    rows, _ = heldout_samples(loaded.model, loaded.tokenizer, prompts, settings)
-    return rows
+CHUNK = 8  # prompts per batch, so the progress bar moves within a checkpoint
 
 
 def _mark(row: dict) -> str:
@@ -65,12 +59,16 @@ def run_eval(cfg: WebConfig, cache, picks, prompt_file, n_prompts, max_new_token
                 row.append(f"error: {err}")
             done += len(prompts)
             continue
-        rows = []
-        for start in range(0, len(prompts), CHUNK):
-            progress((done, total), desc=f"{name}: prompt {start + 1} of {len(prompts)}")
-            rows += score_chunk(loaded, prompts[start:start + CHUNK], settings)
-            done += len(prompts[start:start + CHUNK])
-        s = summarize(rows, [bool(r.get("finished")) for r in rows])
+        base = done
+
+        def on_batch(n: int) -> None:  # called in this iteration only, after each batch
+            if n < len(prompts):
+                progress((base + n, total), desc=f"{name}: prompt {n + 1} of {len(prompts)}")
+
+        progress((done, total), desc=f"{name}: prompt 1 of {len(prompts)}")
+        rows, s = heldout_samples(loaded.model, loaded.tokenizer, prompts, settings, batch_size=CHUNK,
+                                  on_batch=on_batch)
+        done += len(prompts)
         finished = sum(bool(r.get("finished")) for r in rows)
         summary.append([name, s.get("n"), *(round_value(s.get(k)) for k in SUMMARY_KEYS), f"{finished}/{len(rows)}"])
         for p, row in zip(prompts, rows):

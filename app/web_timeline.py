@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.web_common import WebConfig, esc, fmt, refresh_runs, resolve_run, scores_html
+from app.web_common import WebConfig, esc, refresh_runs, resolve_run, scores_html
 from trainer.core.catalog import read_run
 from trainer.core.errors import StepwiseError
 
@@ -51,16 +51,12 @@ def prompt_choices(run_dir: Path) -> list[tuple[str, str]]:
 
 
 def timeline_html(run_dir: Path, key: str) -> str:
-    run = read_run(run_dir)
-    steps = [c for c in run.checkpoints if not c.is_final]
-    best_step = (run.metrics.get("best") or {}).get("step")
+    steps = [c for c in read_run(run_dir).checkpoints if not c.is_final]
     cards, prompt = [], None
     for c in steps:
         rows = read_samples(c.path)
         row = next((r for i, r in enumerate(rows) if _key(r, i) == key), None)
-        head = f"step {c.step}" + (f" · val loss {fmt(c.val_loss)}" if c.val_loss is not None else "")
-        if c.step == best_step:
-            head += " · <b>best</b>"
+        head = esc(c.label)  # the catalogue's label, as in the pickers: run · step 500 · val 1.234 · best
         if row is None:
             cards.append(f"<div class='sw-step'><b>{head}</b><div><i>no sample for this prompt</i></div></div>")
             continue
@@ -70,7 +66,7 @@ def timeline_html(run_dir: Path, key: str) -> str:
             stats.append(f"{row['new_tokens']} tokens")
         if row.get("finished") is not None:
             stats.append("finished" if row["finished"] else "cut at max_new_tokens")
-        cls = "sw-step sw-best" if c.step == best_step else "sw-step"
+        cls = "sw-step sw-best" if c.is_best else "sw-step"
         cards.append(f"<div class='{cls}' data-step='{c.step}'><b>{head}</b>"
                      f"<div class='sw-answer'>{esc(row.get('response', ''))}</div>"
                      f"{scores_html(row)}<small>{esc(' · '.join(stats))}</small></div>")

@@ -76,8 +76,7 @@ def checkpoint_rows(run) -> list[list]:
     for c in run.checkpoints:
         h = by_step.get(c.step, {})
         m = {**{k: h.get(k) for k in METRIC_COLUMNS}, **(c.metrics or {})}
-        name = ("final" if c.is_final else f"step {c.step}") + (" (best)" if c.is_best else "")
-        rows.append([name, c.step, round_value(h.get("epoch")), round_value(c.val_loss),
+        rows.append([c.label, c.step, round_value(h.get("epoch")), round_value(c.val_loss),
                      *(round_value(m.get(k)) for k in METRIC_COLUMNS)])
     return rows
 

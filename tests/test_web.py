@@ -106,7 +106,8 @@ def test_timeline_training_and_scores_render(demo_root):
     assert "length_constraints:number_words" in page and "best" in page
     info = read_run(run_dir)
     rows = checkpoint_rows(info)
-    assert [r[0] for r in rows] == ["step 10", "step 20 (best)", "step 30", "final"]
+    assert [r[0] for r in rows] == ["demo · step 10 · val 3.000", "demo · step 20 · val 2.500 · best",
+                                    "demo · step 30 · val 2.700", "demo · final (step 20) · val 2.500"]
     assert "overfitting" in status_markdown(info.metrics) and "patience 3" in status_markdown(info.metrics)
     fig = loss_figure(info.metrics["history"], [10, 20, 30], 20, {10: {"if_prompt_strict": 0.5}})
     assert len(fig.axes[0].lines) >= 6 and len(fig.axes) == 2  # train, val, 3 checkpoints, best star; IF panel
@@ -246,6 +247,31 @@ def test_eval_endpoint_scores_checkpoints(client):
                                       api_name="/eval")
     assert [r[0] for r in summary["data"]] == ["demo/step-000010", "demo/step-000030"]
     assert answers["headers"][:2] == ["key", "prompt"] and len(answers["data"]) == 2
+
+
+def test_eval_tab_scores_are_the_heldout_path(demo_root):
+    """The Eval tab's row is heldout_samples' summary of the same prompts, and its progress only grows."""
+    from app.session import ModelCache
+    from app.web_eval import SUMMARY_KEYS, run_eval
+    from trainer.evals.heldout import heldout_samples
+    from trainer.evals.prompts import load_prompts
+    from trainer.inference.generate import GenerationSettings
+    from trainer.inference.loading import load_model
+
+    cfg = WebConfig(root=demo_root, prompt_files=[demo_root / "prompts.jsonl"])
+    seen = []
+    summary, answers = run_eval(cfg, ModelCache(), ["demo/step-000010"], "prompts.jsonl", 2, 4,
+                                lambda done, desc: seen.append(done))
+    loaded = load_model(demo_root / "demo" / "step-000010", device="cpu")
+    rows, s = heldout_samples(loaded.model, loaded.tokenizer, load_prompts(demo_root / "prompts.jsonl"),
+                              GenerationSettings(max_new_tokens=4))
+    (row,) = summary.values.tolist()
+    assert row[:2] == ["demo/step-000010", 2]
+    assert row[2:-1] == [None if s[k] is None else round(s[k], 4) for k in SUMMARY_KEYS]
+    assert row[-1] == f"{sum(r['finished'] for r in rows)}/2"
+    assert answers.iloc[:, 2].tolist() == [f"{r['response']}\n[{'✓' if r['strict'][0] else '✗'}"
+                                           f" rougeL {r['rougeL']:.2f}]" for r in rows]
+    assert seen == sorted(seen) and seen[-1] == (2, 2)
 
 
 # --- the Compare tab's handlers, in process ------------------------------------------------------------

@@ -125,6 +125,6 @@ def test_training_plot_renders(page):
     choose(page, "training-run", "demo")
     page.locator("#training-plot img, #training-plot svg, #training-plot canvas").first.wait_for()
     page.locator("#training-status").get_by_text("overfitting").first.wait_for()
-    assert "step 20 (best)" in page.inner_text("#training-checkpoints")
+    assert "demo · step 20 · val 2.500 · best" in page.inner_text("#training-checkpoints")
     shot(page, "5-training")
     assert not page.page_errors, page.page_errors

@@ -33,7 +33,7 @@ from app.web_common import (
     resolve_prompt_file,
     scores_html,
 )
-from trainer.core.errors import StepwiseError
+from trainer.core.errors import StepwiseError, first_line
 from trainer.evals.heldout import score_generation
 from trainer.evals.prompts import HeldoutPrompt, load_prompts
 from trainer.evals.scoring import words
@@ -71,7 +71,7 @@ def settings_from(cfg: WebConfig, temperature, top_p, max_new_tokens, seed) -> G
             seed=int(seed) if seed is not None else 0,
         )
     except (TypeError, ValueError, StepwiseError) as err:
-        raise gr.Error(f"generation settings: {err}") from None
+        raise gr.Error(f"generation settings: {first_line(err)}") from None
 
 
 def check_prompt(cfg: WebConfig, prompt) -> str:

@@ -14,7 +14,7 @@ from rich.console import Console
 from app.catalog import round_value
 from app.web_common import WebConfig, esc, fmt, refresh_runs, resolve_run
 from trainer.core.catalog import read_run
-from trainer.core.errors import StepwiseError
+from trainer.core.errors import StepwiseError, first_line
 from trainer.evals.scoring import SUMMARY_METRICS
 from trainer.training.metrics import classify_trend
 
@@ -129,7 +129,7 @@ def plan_text(run_dir: Path, metrics: dict) -> str:
             planner.render(plan, console)
             return console.export_text()
     except Exception as err:  # a planner failure must not take the tab down; fall through to the raw facts
-        data = {**data, "planner_error": str(err)}
+        data = {**data, "planner_error": f"{type(err).__name__}: {first_line(err)}"}
     counts = "\n".join(f"{k}: {v}" for k, v in data.items())
     config = config_path.read_text() if config_path.is_file() else "(no config.yaml)"
     return f"# counts from training_metrics.json (planner table not available)\n{counts}\n\n# config.yaml\n{config}"

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints and runs, each built once per session by the trainer's own writers
-(tests/support.py) or by a real `python -m trainer train`. Fixtures are read-only: a test that adds
-to a root works on its own copy (support.copy_root)."""
+(tests/support.py) or by a real `python -m trainer train`. A test that adds checkpoints or votes to a
+root works on its own copy (support.copy_root); `trainer eval` results land in eval_root's run, which
+only test_evaluate reads."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from trainer.demo import dataset as demo_data
+from trainer.demo import tasks
 from trainer.evals import scoring
 from trainer.evals.prompts import load_prompts
 
@@ -65,8 +66,8 @@ def test_heldout_prompts_never_in_training(default_records):
 def test_reserved_items_never_in_training(default_records):
     for r in default_records:
         text = demo_data.prompt_text(r) + " " + r["output"]
-        assert not set(re.findall(r"[a-z]+", text.lower())) & demo_data.RESERVED_WORDS, r
-        assert not set(re.findall(r"[A-Z][a-z]+", text)) & demo_data.RESERVED_COUNTRIES, r
+        assert not set(re.findall(r"[a-z]+", text.lower())) & tasks.RESERVED_WORDS, r
+        assert not set(re.findall(r"[A-Z][a-z]+", text)) & tasks.RESERVED_COUNTRIES, r
 
 
 def test_committed_files_equal_regeneration(tmp_path):

@@ -21,15 +21,22 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainer.core import chat
 from trainer.core.resources import data_path
+from trainer.demo.tasks import (
+    END_PHRASES,
+    FILLERS,
+    KEYWORDS,
+    TASKS,
+    WORD_THRESHOLDS,
+    Base,
+    make_pools,
+    uses_reserved_item,
+)
 from trainer.evals import scoring
 
 DEFAULT_RECORDS = 30000
@@ -37,72 +44,6 @@ HELDOUT_DIR = data_path("eval_prompts")
 IFEVAL_FILE, GENERAL_FILE = "demo_ifeval.jsonl", "demo_general.jsonl"
 HELDOUT_SEED = 20231107  # the held-out files do not depend on the training seed
 CONSTRAINED_SHARE = 0.7
-
-# ---- vocabulary and fact tables -------------------------------------------------------------------
-
-CATEGORIES: dict[str, tuple[str, ...]] = {
-    "fruits": ("apple", "banana", "cherry", "grape", "lemon", "lime", "mango", "melon", "peach", "pear",
-               "plum", "kiwi", "fig", "coconut", "apricot", "papaya"),
-    "animals": ("cat", "dog", "cow", "horse", "sheep", "goat", "pig", "duck", "lion", "tiger", "bear",
-                "wolf", "fox", "owl", "frog", "mouse", "bee", "snake", "donkey", "hen"),
-    "colours": ("red", "blue", "green", "yellow", "pink", "purple", "brown", "black", "white", "grey",
-                "gold", "silver"),
-    "tools": ("hammer", "spoon", "knife", "brush", "saw", "drill", "ladder", "shovel", "rake", "needle",
-              "rope", "bucket"),
-}
-VOCABULARY = tuple(sorted({w for words in CATEGORIES.values() for w in words}))
-
-CAPITALS = {
-    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Japan": "Tokyo",
-    "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo", "Greece": "Athens",
-    "Canada": "Ottawa", "China": "Beijing", "Russia": "Moscow", "Cuba": "Havana", "Chile": "Santiago",
-    "Poland": "Warsaw", "Ireland": "Dublin", "Austria": "Vienna", "Portugal": "Lisbon",
-    "Sweden": "Stockholm", "Finland": "Helsinki", "Thailand": "Bangkok", "Turkey": "Ankara",
-    "Hungary": "Budapest", "Denmark": "Copenhagen",
-}
-FRUIT_COLOURS = {
-    "banana": "yellow", "lemon": "yellow", "lime": "green", "cherry": "red", "plum": "purple",
-    "grape": "purple", "kiwi": "brown", "apple": "red", "pear": "green", "coconut": "brown",
-    "fig": "purple", "melon": "green", "mango": "yellow", "peach": "pink", "apricot": "yellow",
-    "papaya": "green",
-}
-ANIMAL_SOUNDS = {
-    "cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "pig": "oink",
-    "horse": "neigh", "lion": "roar", "owl": "hoot", "frog": "croak", "bee": "buzz", "snake": "hiss",
-    "mouse": "squeak", "goat": "bleat", "wolf": "howl", "donkey": "bray", "hen": "cluck", "bear": "growl",
-}
-# (singular, plural) subjects and (present, past, plural present) verbs for the rewrite task.
-SUBJECTS = {"cat": "cats", "dog": "dogs", "mouse": "mice", "sheep": "sheep", "wolf": "wolves",
-            "fox": "foxes", "goat": "goats", "duck": "ducks", "horse": "horses", "bear": "bears",
-            "owl": "owls", "frog": "frogs"}
-VERBS = (("chases", "chased", "chase"), ("sees", "saw", "see"), ("finds", "found", "find"),
-         ("likes", "liked", "like"), ("watches", "watched", "watch"), ("follows", "followed", "follow"),
-         ("carries", "carried", "carry"), ("eats", "ate", "eat"))
-OBJECTS = ("the ball", "a small stone", "the old tree", "a long stick", "the farmer", "the green door",
-           "a little boat", "the river")
-
-KEYWORDS = ("sun", "moon", "river", "cloud", "garden", "music", "winter", "story", "light", "friend",
-            "dream", "summer", "forest", "island", "paper", "window")
-END_PHRASES = ("Is there anything else I can help with?", "Any other questions?", "Hope this helps.",
-               "That is all.", "Let me know if you need more.", "Have a nice day.")
-FILLERS = ("I hope this answer helps you.", "This is a short and simple answer.",
-           "Thank you for the question.", "Please ask again if anything is unclear.",
-           "It was a pleasure to help with this.")
-WORD_THRESHOLDS = (10, 15, 20, 25, 30, 35, 40, 50, 60, 80, 100)
-
-
-def _every_fifth(items: list[str]) -> frozenset[str]:
-    return frozenset(sorted(items)[2::5])
-
-
-RESERVED_WORDS = _every_fifth(list(VOCABULARY))
-RESERVED_COUNTRIES = _every_fifth(list(CAPITALS))
-
-
-def _reserved_operands(a: int, b: int) -> bool:
-    # Symmetric, because "minus" swaps its operands to stay non-negative.
-    return (a + b + a * b) % 9 == 4
-
 
 # ---- constraints ------------------------------------------------------------------------------------
 
@@ -158,126 +99,6 @@ def _phrase(instruction_id: str, kw: dict[str, Any]) -> str:
         TITLE: "Your answer must contain a title wrapped in double angular brackets, such as <<my title>>.",
         JSON_ID: "Wrap your entire output in JSON format.",
     }[instruction_id]
-
-
-# ---- base tasks -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Base:
-    """A task item before constraints: the request and the plain answer."""
-
-    task: str
-    """Category name of the base task."""
-    instruction: str
-    """The request, without constraint sentences."""
-    input: str
-    """The data the request is about ("" when the instruction holds it)."""
-    lead: str
-    """The answer sentence, or the lead-in before a list of items."""
-    items: tuple[str, ...] = ()
-    """A list answer's items (empty for a sentence answer)."""
-    title: str = "answer"
-    """What a <<title>> says."""
-
-
-@dataclass(frozen=True)
-class Pools:
-    """What a generator may draw from: the training or the held-out side of the split."""
-
-    words: tuple[str, ...]
-    countries: tuple[str, ...]
-    operands: tuple[tuple[int, int], ...]
-
-
-def _reverse(rng: random.Random, pools: Pools) -> Base:
-    items = rng.sample(pools.words, rng.randint(3, 5))
-    return Base("reverse_list", rng.choice(("Reverse the order of this list.", "Write this list backwards.")),
-                ", ".join(items), "The reversed list is:", tuple(reversed(items)), "reversed list")
-
-
-def _sort(rng: random.Random, pools: Pools) -> Base:
-    items = rng.sample(pools.words, rng.randint(3, 5))
-    return Base("sort_list", rng.choice(("Sort these words in alphabetical order.",
-                                         "Put this list in alphabetical order.")),
-                ", ".join(items), "The sorted list is:", tuple(sorted(items)), "sorted list")
-
-
-def _count_letters(rng: random.Random, pools: Pools) -> Base:
-    word = rng.choice(pools.words)
-    return Base("count_letters", f"How many letters are in the word {word}?", "",
-                f"The word {word} has {len(word)} letters.", title="letter count")
-
-
-def _arithmetic(rng: random.Random, pools: Pools) -> Base:
-    a, b = rng.choice(pools.operands)
-    op = rng.choice(("plus", "minus", "times"))
-    if op == "minus" and a < b:
-        a, b = b, a
-    value = {"plus": a + b, "minus": a - b, "times": a * b}[op]
-    return Base("arithmetic", f"What is {a} {op} {b}?", "", f"The answer is {value} because {a} {op} {b} "
-                f"equals {value}.", title="the answer")
-
-
-def _rewrite(rng: random.Random, pools: Pools) -> Base:
-    subjects = [s for s in SUBJECTS if s in pools.words]
-    noun, (present, past, plural_verb), obj = rng.choice(subjects), rng.choice(VERBS), rng.choice(OBJECTS)
-    sentence = f"The {noun} {present} {obj}."
-    if rng.random() < 0.5:
-        return Base("rewrite", "Rewrite this sentence in the past tense.", sentence,
-                    f"The {noun} {past} {obj}.", title="past tense")
-    return Base("rewrite", "Rewrite this sentence with a plural subject.", sentence,
-                f"The {SUBJECTS[noun]} {plural_verb} {obj}.", title="plural sentence")
-
-
-def _list_items(rng: random.Random, pools: Pools) -> Base:
-    category = rng.choice(sorted(CATEGORIES))
-    n = rng.randint(2, 5)
-    items = rng.sample([w for w in CATEGORIES[category] if w in pools.words], n)
-    verb = rng.choice(("List", "Name"))
-    return Base("list_items", f"{verb} {n} {category}.", "", f"Here are {n} {category}:", tuple(items), category)
-
-
-def _lookup(rng: random.Random, pools: Pools) -> Base:
-    table = rng.choice(("capital", "colour", "sound"))
-    if table == "capital":
-        country = rng.choice(pools.countries)
-        return Base("lookup", f"What is the capital of {country}?", "",
-                    f"The capital of {country} is {CAPITALS[country]}.", title="capital city")
-    if table == "colour":
-        fruit = rng.choice([f for f in FRUIT_COLOURS if f in pools.words and FRUIT_COLOURS[f] in pools.words])
-        return Base("lookup", f"What colour is a ripe {fruit}?", "",
-                    f"A ripe {fruit} is {FRUIT_COLOURS[fruit]}.", title="fruit colour")
-    animal = rng.choice([a for a in ANIMAL_SOUNDS if a in pools.words])
-    return Base("lookup", f"What sound does a {animal} make?", "",
-                f"A {animal} says {ANIMAL_SOUNDS[animal]}.", title="animal sound")
-
-
-TASKS: dict[str, Callable[[random.Random, Pools], Base]] = {
-    "reverse_list": _reverse, "sort_list": _sort, "count_letters": _count_letters,
-    "arithmetic": _arithmetic, "rewrite": _rewrite, "list_items": _list_items, "lookup": _lookup,
-}
-
-
-def _pools(heldout: bool) -> Pools:
-    """Training side: nothing reserved. Held-out side: everything (a row is kept only if it needs it)."""
-    keep = (lambda reserved: True) if heldout else (lambda reserved: not reserved)
-    operands = [(a, b) for a in range(1, 13) for b in range(1, 13)]
-    return Pools(words=tuple(w for w in VOCABULARY if keep(w in RESERVED_WORDS)),
-                 countries=tuple(c for c in CAPITALS if keep(c in RESERVED_COUNTRIES)),
-                 operands=tuple(p for p in operands if keep(_reserved_operands(*p))))
-
-
-def _uses_reserved_item(base: Base) -> bool:
-    """Whether the prompt can never occur in training: it names a reserved item, or (a table lookup)
-    its one right answer does. A list_items answer is one pick among many, so it does not count."""
-    text = " ".join((base.instruction, base.input, base.lead if base.task == "lookup" else ""))
-    if any(w in RESERVED_WORDS for w in re.findall(r"[a-z]+", text.lower())):
-        return True
-    if any(c in RESERVED_COUNTRIES for c in re.findall(r"[A-Z][a-z]+", base.instruction)):
-        return True
-    match = re.fullmatch(r"What is (\d+) \w+ (\d+)\?", base.instruction)
-    return bool(match) and _reserved_operands(int(match[1]), int(match[2]))
 
 
 # ---- rendering --------------------------------------------------------------------------------------
@@ -383,7 +204,7 @@ def prompt_text(record: dict[str, Any]) -> str:
 def build_examples(n: int = DEFAULT_RECORDS, seed: int = 0) -> list[dict[str, Any]]:
     """The training records with what made them: "task", "instruction_id_list" and "kwargs" as well."""
     rng = random.Random(seed)
-    pools = _pools(heldout=False)
+    pools = make_pools(heldout=False)
     tasks = sorted(TASKS)
     examples: list[dict[str, Any]] = []
     while len(examples) < n:
@@ -415,14 +236,14 @@ def _row(key: str, example: dict[str, Any], with_checks: bool, reference: bool) 
 
 def build_heldout(n_ifeval: int = 150, n_general: int = 50, seed: int = HELDOUT_SEED
                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows of eval_prompts/demo_ifeval.jsonl and demo_general.jsonl (design.md section 4).
+    """Rows of eval_prompts/demo_ifeval.jsonl and demo_general.jsonl (the README's "Held-out prompts and scores").
 
     IFEval-style rows carry 1-2 constraints and are held out by a reserved item (half of them) or a
     reserved (task, constraint set) pair; general rows have no constraints, a reserved item and a
     reference. Tasks are taken in turn so that each is equally represented.
     """
     rng = random.Random(seed)
-    pools = _pools(heldout=True)
+    pools = make_pools(heldout=True)
     # list_items prompts name no item, so only a reserved combination can hold them out.
     item_tasks = sorted(t for t in TASKS if t != "list_items")
     combos = sorted(RESERVED_COMBOS, key=lambda c: (c[0], sorted(c[1])))
@@ -441,7 +262,7 @@ def build_heldout(n_ifeval: int = 150, n_general: int = 50, seed: int = HELDOUT_
             ids = frozenset()
         else:
             break
-        if (base.task, ids) not in RESERVED_COMBOS and not _uses_reserved_item(base):
+        if (base.task, ids) not in RESERVED_COMBOS and not uses_reserved_item(base):
             continue
         example = _make(rng, base, ids)
         if example is None or _normalise(prompt_text(example)) in seen:

@@ -1,4 +1,5 @@
-"""Held-out prompt files: JSON Lines, a superset of Google's IFEval input_data.jsonl (design.md section 4).
+"""Held-out prompt files: JSON Lines, a superset of Google's IFEval input_data.jsonl.
+The schema is the README's "Held-out prompts and scores".
 
 A line carries `prompt` and any of `key`, `instruction_id_list` + `kwargs` (IFEval or IFBench checks:
 AllenAI's IFBench_test.jsonl uses the same schema and loads unchanged; each id picks its own

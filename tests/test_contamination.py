@@ -63,6 +63,18 @@ def test_warn_prints_the_count_and_first_keys():
     assert buf2.getvalue() == ""
 
 
+def test_templated_data_gets_a_note_for_near_duplicates_and_a_warning_for_copies():
+    near = find_contamination([LONG], TRAIN, n=8, threshold=0.5, keys=["k2"])
+    buf = io.StringIO()
+    warn(near, Console(file=buf, width=300), "the demo data", templated=True)
+    assert buf.getvalue().startswith("note: 1 of 1 held-out prompts share template wording with the demo data")
+    assert "warning" not in buf.getvalue() and buf.getvalue().count("\n") == 1
+    both = find_contamination(["name three fruits.", LONG], TRAIN, n=8, threshold=0.5, keys=["k1", "k2"])
+    buf = io.StringIO()
+    warn(both, Console(file=buf, width=300), "the demo data", templated=True)
+    assert buf.getvalue().startswith("warning: 2 of 2") and "1 exact" in buf.getvalue()
+
+
 def test_many_prompts_in_one_pass():
     train = [f"item {i} of the generated training set with a few more words to make grams {i * 7}" for i in range(20000)]
     heldout = [f"held out prompt number {i} that shares nothing much with any of those lines" for i in range(2000)]

@@ -75,13 +75,20 @@ def check_prompts_against_records(prompts: list[str], records: list[dict], keys:
     return find_contamination(prompts, record_prompts(records), n=n, threshold=threshold, keys=keys)
 
 
-def warn(found: dict, console=None, source: str = "the training data") -> None:
-    """Print the count and the first keys (nothing when clean)."""
+def warn(found: dict, console=None, source: str = "the training data", templated: bool = False) -> None:
+    """Print the count and the first keys (nothing when clean). templated: the training data is made
+    from the same templates as the prompts (the demo), so shared wording is expected: near-duplicates
+    alone then get one plain note, and only exact copies are a warning."""
     if not found.get("count"):
         return
     from rich.console import Console
 
     console = console or Console(stderr=True)
+    if templated and not found["exact"]:
+        console.print(f"[dim]note: {len(found['near'])} of {found['heldout_prompts']} held-out prompts share template "
+                      f"wording with {source} ({found['n']}-gram overlap >= {found['threshold']:.0%}); none is an exact "
+                      "copy, and their items are held out[/]")
+        return
     first = ", ".join(found["keys"][:5]) + (" ..." if found["count"] > 5 else "")
     console.print(f"[yellow]warning:[/] {found['count']} of {found['heldout_prompts']} held-out prompt(s) also "
                   f"appear in {source} ({len(found['exact'])} exact, {len(found['near'])} near-duplicate by "

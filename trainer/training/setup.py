@@ -222,7 +222,7 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
     heldout = []
     if cfg.eval.eval_prompts:
         heldout = load_prompts(cfg.eval.eval_prompts)[: cfg.eval.eval_num_prompts]
-        warn_contamination(reporter, heldout, train_records)
+        warn_contamination(reporter, heldout, train_records, templated=cfg.data.dataset == "demo")
 
     stats = dict(train_examples=len(train), val_examples=len(val), truncated=train_stats.truncated,
                  dropped=train_stats.dropped, train_tokens=train_stats.tokens, supervised_tokens=train_stats.supervised,
@@ -232,11 +232,11 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
                total, spe, reporter, resume_from=resume_from, heldout=heldout, data_stats=stats)
 
 
-def warn_contamination(reporter: Reporter, heldout: list, records: list[dict]) -> None:
+def warn_contamination(reporter: Reporter, heldout: list, records: list[dict], templated: bool = False) -> None:
     """Held-out prompts that also appear in the training data make their scores meaningless: say so."""
     if reporter.enabled:
         found = check_prompts_against_records([p.prompt for p in heldout], records, keys=[p.key for p in heldout])
-        warn(found, reporter.console, source=f"the training data ({len(records)} records)")
+        warn(found, reporter.console, source=f"the training data ({len(records)} records)", templated=templated)
 
 
 def validation_batches(val: list[dict], cfg: Config, pad_id: int, rank: int, world: int) -> list[dict]:

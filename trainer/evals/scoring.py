@@ -90,7 +90,8 @@ def score_response(p: HeldoutPrompt, response: str) -> dict[str, Any]:
     given (IFEval's 1122 and 1129: a seeded random letter for a non-letter); empty otherwise.
     "substituted" lists the instruction ids whose check ran on an offline stand-in for NLTK data
     (registry.SUBSTITUTES: the untrained sentence splitter, the embedded stop-word list, the
-    first-word verb rule); empty otherwise. Both keep the order of instruction_id_list."""
+    first-word verb rule); empty otherwise. Both keep the order of instruction_id_list. "reference" is
+    the prompt's reference answer (None without one), kept so a stored sample shows what was wanted."""
     strict, loose, unverified = _check(p.instruction_id_list, p.kwargs, response, p.prompt)
     has_checks = bool(p.instruction_id_list)
     return {
@@ -98,6 +99,7 @@ def score_response(p: HeldoutPrompt, response: str) -> dict[str, Any]:
         "prompt": p.prompt,
         "response": response,
         "category": p.category,
+        "reference": p.reference,
         "instruction_id_list": list(p.instruction_id_list),
         "strict": strict,
         "loose": loose,

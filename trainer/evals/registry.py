@@ -37,6 +37,14 @@ strips digits and punctuation from the end and indexes the last character left, 
 only of those ("...", "1.") raises IndexError and would stop a whole evaluation. Here such a response
 follows the rule, as it has no quote to end with; every other response is judged as upstream judges it.
 
+Quiet checkers: IFEval's language checks (language:response_language, change_case:english_capital)
+log `logging.error("Unable to detect language for text ...")` on the root logger whenever langdetect
+finds no features (a response of digits or punctuation) and count the instruction as followed; on an
+unconfigured root logger that call also installs a stderr handler, so every such response printed
+its whole text as an "ERROR:root:" line. That is a verdict, not an error: the module's `logging`
+name is replaced by _DebugLogging, which sends those calls to the "if_verifiable" logger at DEBUG.
+The root logger, its level and its handlers are left as they are.
+
 The substitutes are patched into if-verifiable's modules only (their `nltk` name, their sentence
 splitter and stop-word counter; subclasses of the start-verb and quote_unquote checkers in our
 registry, not theirs), never into nltk globally.
@@ -176,6 +184,28 @@ class _OfflineNltk:
         return getattr(self._nltk, name)
 
 
+class _DebugLogging:
+    """Stands in for the `logging` module inside if-verifiable's IFEval checkers: its module-level
+    calls (logging.error, ...) go to the "if_verifiable" logger at DEBUG, not to the root logger."""
+
+    def __init__(self, logging_module: types.ModuleType) -> None:
+        self._logging = logging_module
+        self._log = logging_module.getLogger("if_verifiable")
+
+    def _debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        self._log.debug(msg, *args, **kwargs)
+
+    debug = info = warning = warn = error = exception = critical = _debug
+
+    def log(self, _level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        self._debug(msg, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_logging":  # not set yet: avoid recursing
+            raise AttributeError(name)
+        return getattr(self._logging, name)
+
+
 @functools.cache
 def instruction_registry() -> Mapping[str, type]:
     """Instruction id -> checker class, IFEval's and IFBench's, with the offline substitutes installed."""
@@ -200,11 +230,15 @@ def _no_download(*_args: Any, **_kwargs: Any) -> bool:
 
 
 def _install() -> Mapping[str, type]:
+    import logging
+
     import langdetect
     import nltk
+    from if_verifiable.ifeval import instructions as ifeval_instructions
     from if_verifiable.ifeval import instructions_util
     from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT as IFEVAL
 
+    ifeval_instructions.logging = _DebugLogging(logging)
     instructions_util._get_sentence_tokenizer = _sentence_tokenizer
     instructions_util.nltk = _OfflineNltk(nltk)
     langdetect.DetectorFactory.seed = 0

@@ -18,5 +18,6 @@ def main(argv: list[str]) -> int:
     if timing_steps < 0:
         parser.error(f"--timing_steps must be >= 0, got {timing_steps}")
     cfg = resolve(*given(args))
-    render(make_plan(cfg, timing_steps), Console(highlight=False, soft_wrap=True))
+    console = Console(highlight=False, soft_wrap=True)
+    render(make_plan(cfg, timing_steps, console), console)
     return 0

@@ -31,10 +31,20 @@ def results_table(entries: list[dict], title: str):
     return table
 
 
+def plot_points(entries: list[dict]) -> list[dict]:
+    """The entries to plot, in step order: every one that records a step, final/ only where its step
+    (it is a copy of that step's folder) is not plotted already, so `trainer eval final/` alone
+    still gives a plot."""
+    stepped = [e for e in entries if e["step"] is not None]
+    steps = {e["step"] for e in stepped if e["checkpoint"] != "final"}
+    return sorted((e for e in stepped if e["checkpoint"] != "final" or e["step"] not in steps),
+                  key=lambda e: (e["step"], e["checkpoint"] == "final"))
+
+
 def plot_run(run_dir: Path, entries: list[dict], prompts_name: str) -> Path | None:
-    """<run>/eval/metrics.png: each metric against step for the run's evaluated step checkpoints."""
-    points = sorted((e for e in entries if e["step"] is not None and e["checkpoint"] != "final"),
-                    key=lambda e: e["step"])
+    """<run>/eval/metrics.png: each metric against step for the run's evaluated checkpoints (see
+    plot_points); None when none of them records a step."""
+    points = plot_points(entries)
     if not points:
         return None
     # The object-oriented API on an Agg canvas: no pyplot, so no global backend switch and no

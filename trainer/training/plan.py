@@ -2,11 +2,14 @@
 
 Takes the same config and flags as `train`. Counts come from the real split and tokenization; time
 comes from the throughput an earlier run of the same config recorded, or else from a short real
-timing on this machine (a few optimizer steps after a warm-up). The table says which.
+timing on this machine (a few optimizer steps after a warm-up), announced before it starts since a
+real model's steps can take minutes; with output not a terminal a plain line follows whenever
+nothing was printed for 30 seconds. The table says where the time came from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -70,14 +73,32 @@ def _speed_fields(cfg: Config) -> dict:
     return {k: flat.get(k) for k in SPEED_KEYS}
 
 
-def measure_speed(cfg: Config, steps: int = 3) -> tuple[float, str]:
-    """Seconds per optimizer step, timed for real after one warm-up step (model built, data loaded)."""
+def model_name(cfg: Config) -> str:
+    return "the demo model" if cfg.model.pretrained_model == "demo" else cfg.model.pretrained_model
+
+
+def measure_speed(cfg: Config, steps: int = 3, console: Console | None = None) -> tuple[float, str]:
+    """Seconds per optimizer step, timed for real after one warm-up step (model built, data loaded).
+    With a console, what it is doing shows: a spinner on a terminal, else a Heartbeat's plain lines."""
     from trainer.training.batching import micro_batches
     from trainer.training.loop import train_step
+    from trainer.training.progress import Heartbeat, Reporter, duration
     from trainer.training.setup import setup
-    from trainer.training.progress import Reporter
 
-    with tempfile.TemporaryDirectory() as tmp:
+    doing = {"what": "loading the data and the model"}
+    with contextlib.ExitStack() as stack:
+        if console is not None and console.is_terminal:
+            spinner = stack.enter_context(console.status(f"timing: {doing['what']}"))
+        elif console is not None:
+            stack.enter_context(Heartbeat(lambda elapsed: f"timing: {doing['what']}, {duration(elapsed)} elapsed",
+                                          lambda text: console.print(text, markup=False)))
+
+        def now(what: str) -> None:
+            doing["what"] = what
+            if console is not None and console.is_terminal:
+                spinner.update(f"timing: {what}")
+
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
         timing_cfg = replace(cfg, run=replace(cfg.run, output_dir=tmp, run_name="timing", resume=False,
                                               use_tensorboard=False, progress=False))
         run = setup(timing_cfg, reporter=Reporter(enabled=False))
@@ -88,16 +109,20 @@ def measure_speed(cfg: Config, steps: int = 3) -> tuple[float, str]:
         def step_batches(i: int) -> list:  # wraps around a data set smaller than the timing needs
             return [batches[(i * g + j) % len(batches)] for j in range(g)]
 
+        now("warm-up step")
         train_step(run, step_batches(0))  # warm-up: allocator, kernels, lazy init
         start = time.perf_counter()
         for i in range(1, steps + 1):
+            now(f"step {i}/{steps}")
             train_step(run, step_batches(i))
         return (time.perf_counter() - start) / steps, f"measured now over {steps} training steps"
 
 
-def make_plan(cfg: Config, timing_steps: int = 3) -> Plan:
-    from trainer.training.setup import load_data, load_tokenizer_and_model
+def make_plan(cfg: Config, timing_steps: int = 3, console: Console | None = None) -> Plan:
+    """The plan for cfg; without a recorded speed, timing_steps real steps are timed, announced on
+    console first (with the flag that skips them)."""
     from trainer.training.progress import Reporter
+    from trainer.training.setup import load_data, load_tokenizer_and_model
 
     quiet = Reporter(enabled=False)
     train_records, val_records = load_data(cfg, quiet)
@@ -106,7 +131,12 @@ def make_plan(cfg: Config, timing_steps: int = 3) -> Plan:
     # Tokenization may drop examples whose answer lies past the context; the loop counts what is left.
     plan = replace(count(cfg, stats.examples, len(val_records)), tokens_per_epoch=stats.tokens,
                    truncated_share=stats.truncated / max(len(train_records), 1))
-    timing = recorded_speed(cfg) or (measure_speed(cfg, timing_steps) if timing_steps else None)
+    timing = recorded_speed(cfg)
+    if timing is None and timing_steps:
+        if console is not None:
+            console.print(f"timing {timing_steps} training steps of {model_name(cfg)} (after one warm-up step); "
+                          "pass --timing_steps 0 to skip", markup=False)
+        timing = measure_speed(cfg, timing_steps, console)
     if timing:
         plan.seconds_per_step, plan.timing_source = timing
     return plan

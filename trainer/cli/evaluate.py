@@ -1,13 +1,15 @@
 """`python -m trainer eval [CKPT ...] --prompts FILE`: generate on held-out prompts with checkpoints,
 score them, and report one row per checkpoint.
 
-CKPT is a step folder, final/, a run folder (all its checkpoints) or any Hugging Face model folder;
-none means every checkpoint of the newest run under --root. Results (per-prompt rows and the summary)
+CKPT is a step folder, final/, a run folder (all its checkpoints), any Hugging Face model folder or a
+.gguf file (converted once); none means every checkpoint of the newest run under --root. Results (per-prompt rows and the summary)
 go to <run>/eval/<checkpoint>-<key>.json, where the key hashes what decides the answers: the weights
 file's path, size and mtime, the prompt file's content, --limit and the generation settings. A second
 identical evaluation reads that file instead of generating. A PNG of every metric against step is
-written to <run>/eval/metrics.png. Generation and scoring are trainer.evals.heldout's,
-the path the trainer, the web app and the REPL use too.
+written to <run>/eval/metrics.png (final/ is a point at its step unless that step folder is
+evaluated too). Generation and scoring are trainer.evals.heldout's, the path the trainer, the web
+app and the REPL use too. With stderr not a terminal (a log file, a pipe) the progress bar becomes
+plain lines: one as each checkpoint starts, and one whenever nothing was printed for 30 seconds.
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ from trainer.inference.generate import GenerationSettings
 from trainer.inference.loading import (
     check_device,
     check_model_folder,
+    gguf_folder,
+    is_gguf,
     is_hub_id,
     load_model,
 )
+from trainer.training.progress import Heartbeat, duration
 
 DEFAULT_PROMPTS = "eval_prompts/demo_ifeval.jsonl"
 CACHE_VERSION = 1  # bump when the result file's content or the scoring changes meaning
@@ -96,6 +101,9 @@ def expand(specs: list[str], root: str | Path) -> list[Target]:
             targets.append(Target(str(p), p.name, info, out_dir))
         elif p.is_dir() and read_run(p).checkpoints:
             targets += _run_targets(p)
+        elif is_gguf(p) and p.is_file():
+            gguf_folder(p, flag="")  # converted (or found converted) now: a damaged file stops before any generation
+            targets.append(Target(str(p), p.stem, None, Path(root) / "eval"))
         elif p.is_dir():
             raise StepwiseError(f"{spec}: not a checkpoint, run folder or Hugging Face model folder "
                                 "(no config.json, no step-*/ or final/)")
@@ -116,9 +124,17 @@ def expand(specs: list[str], root: str | Path) -> list[Target]:
 
 def cache_key(target: Target, prompts_sha: str, limit: int | None, settings: GenerationSettings, device: str) -> str:
     """What decides the answers. Not the batch size: batched answers equal one-at-a-time ones."""
-    spec = {"version": CACHE_VERSION, "model": weights_identity(target.path), "prompts": prompts_sha,
+    spec = {"version": CACHE_VERSION, "model": model_identity(target.path), "prompts": prompts_sha,
             "limit": limit, "settings": dataclasses.asdict(settings), "device": device.split(":")[0]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def model_identity(path: str) -> dict:
+    """weights_identity, or for a .gguf file its own path, size and mtime (the file is the weights)."""
+    if is_gguf(path) and Path(path).is_file():
+        stat = Path(path).stat()
+        return {"weights": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return weights_identity(path)
 
 
 # --- contamination -------------------------------------------------------------------------------
@@ -228,7 +244,14 @@ def main(argv: list[str]) -> int:
             todo.append(len(entries))
         entries.append({"target": t, "file": result_file, "entry": entry})
 
-    if todo:
+    def done(i: int) -> None:
+        entries[i]["file"].parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(entries[i]["file"], {k: v for k, v in entries[i]["entry"].items() if k != "cached"})
+
+    def say(text: str) -> None:
+        err.print(text, markup=False, highlight=False)
+
+    if todo and err.is_terminal:
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn()]
         with Progress(*columns, console=err) as progress:
@@ -239,8 +262,10 @@ def main(argv: list[str]) -> int:
                 entries[i]["entry"] = evaluate_one(t, prompts, settings, args, device, prompts_sha,
                                                    lambda done, base=n * len(prompts): progress.update(
                                                        task, completed=base + done))
-                entries[i]["file"].parent.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(entries[i]["file"], {k: v for k, v in entries[i]["entry"].items() if k != "cached"})
+                done(i)
+    elif todo:  # a live bar shows nothing in a file or a pipe: plain lines instead
+        generate_plain(entries, todo, prompts, lambda t, on_batch: evaluate_one(
+            t, prompts, settings, args, device, prompts_sha, on_batch), say, done)
 
     rows = [e["entry"] for e in entries]
     out.print(results_table(rows, f"{prompts_path.name}: {len(prompts)} prompts, {_describe(settings)}"))
@@ -252,10 +277,41 @@ def main(argv: list[str]) -> int:
         png = plot_run(run_dir, run_rows, prompts_path.name)
         if png is not None:
             out.print(f"plot: {png}")
+        else:
+            out.print(f"no plot for {run_dir.name}: none of its evaluated checkpoints records a step")
     for e in entries:
         if not e["entry"]["cached"]:
             out.print(f"wrote {e['file']}")
     return 0
+
+
+def generate_plain(entries: list[dict], todo: list[int], prompts: list, evaluate, say, done) -> None:
+    """The progress bar as plain lines: one as each checkpoint starts, and a Heartbeat line (prompts
+    done, time, ETA) whenever nothing was said for the heartbeat's interval."""
+    total = len(todo) * len(prompts)
+    where = {"name": "", "n": 0, "done": 0}
+
+    def status(elapsed: float) -> str:
+        finished = where["n"] * len(prompts) + where["done"]
+        eta = f", ETA {duration(elapsed / finished * (total - finished))}" if finished else ""
+        return (f"generating with {where['name']} ({where['n'] + 1}/{len(todo)}): {where['done']}/{len(prompts)} "
+                f"prompts; {finished}/{total} in all, {duration(elapsed)} elapsed{eta}")
+
+    def on_batch(count: int) -> None:
+        where["done"] = count
+
+    with Heartbeat(status, say) as beat:
+        for n, i in enumerate(todo):
+            t = entries[i]["target"]
+            where.update(name=t.name, n=n, done=0)
+            say(f"generating with {t.name} ({n + 1}/{len(todo)}): {len(prompts)} prompts")
+            beat.touch()
+            entries[i]["entry"] = evaluate(t, on_batch)
+            done(i)
+
+
+def _silent(text: str) -> None:
+    pass
 
 
 def _describe(settings: GenerationSettings) -> str:
@@ -265,7 +321,7 @@ def _describe(settings: GenerationSettings) -> str:
 
 def evaluate_one(t: Target, prompts: list, settings: GenerationSettings, args, device: str, prompts_sha: str,
                  on_batch) -> dict:
-    loaded = load_model(t.path, device)
+    loaded = load_model(t.path, device, log=_silent)  # a .gguf file's conversion was reported by expand()
     t0 = time.perf_counter()
     rows, summary = heldout_samples(loaded.model, loaded.tokenizer, prompts, settings, args.batch_size, on_batch)
     seconds = time.perf_counter() - t0
@@ -281,7 +337,7 @@ def evaluate_one(t: Target, prompts: list, settings: GenerationSettings, args, d
         "limit": args.limit,
         "settings": dataclasses.asdict(settings),
         "device": device,
-        "model": weights_identity(t.path),
+        "model": model_identity(t.path),
         "seconds": round(seconds, 3),
         "new_tokens": sum(r["new_tokens"] for r in rows),
         "summary": summary,

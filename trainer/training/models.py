@@ -1,12 +1,15 @@
-"""The model and tokenizer a run starts from: the embedded demo (built here) or a pretrained one."""
+"""The model and tokenizer a run starts from: the embedded demo (built here) or a pretrained one
+(a Hugging Face folder, a hub id, a Stepwise checkpoint, or a .gguf file converted once to a folder)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from trainer.core.chat import ensure_chat_template, render
 from trainer.core.errors import StepwiseError
-from trainer.inference.loading import from_pretrained, hub_access, load_causal_lm
+from trainer.inference.loading import from_pretrained, gguf_folder, hub_access, is_gguf, load_causal_lm
 
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -52,7 +55,25 @@ def demo_texts(records: list[dict]) -> list[str]:
     return texts + ["### Instruction:\n", "### Response:\n"]
 
 
+def resolve_pretrained(name: str) -> str:
+    """The folder to load for --pretrained_model: a .gguf file's converted folder (converted now when
+    not cached, said in the log by rank 0), any other name unchanged."""
+    if not is_gguf(name):
+        return name
+    main = os.environ.get("RANK", "0") == "0"  # every rank converts or reuses; one says so
+    return str(gguf_folder(name, "--pretrained_model", log=_print if main else _silent))
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def _silent(text: str) -> None:
+    pass
+
+
 def load_pretrained_tokenizer(name: str):
+    name = resolve_pretrained(name)
     return _pretrained_tokenizer(name, hub_access(name))
 
 
@@ -67,7 +88,8 @@ def _pretrained_tokenizer(name: str, offline: str | None):
 
 def load_pretrained(name: str):
     """Tokenizer and model from a Hugging Face folder, a hub id or a Stepwise checkpoint: safetensors
-    weights only (a pickled-only folder is refused)."""
+    weights only (a pickled-only folder is refused), or a .gguf file (resolve_pretrained)."""
+    name = resolve_pretrained(name)
     offline = hub_access(name)
     tokenizer = _pretrained_tokenizer(name, offline)
     return tokenizer, load_causal_lm(name, torch.float32, "--pretrained_model", offline)

@@ -138,3 +138,12 @@ def test_a_damaged_or_foreign_gguf_file_is_one_line(damage, cache, tmp_path):
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert lines[0].startswith("error: ") and str(bad) in lines[0] and expect in lines[0], lines[0]
     assert not [p for p in (cache / "gguf").glob(".*") if p.is_dir()], "no temporary folder is left"
+
+
+def test_eval_takes_the_gguf_file_as_a_checkpoint(converted, cache, tmp_path):
+    from trainer.cli.evaluate import expand, model_identity
+
+    with mock.patch.dict(os.environ, {"STEPWISE_CACHE": str(cache)}):
+        [target] = expand([str(GGUF)], tmp_path)
+    assert (target.path, target.name, target.info, target.out_dir) == (str(GGUF), GGUF.stem, None, tmp_path / "eval")
+    assert model_identity(target.path)["size"] == GGUF.stat().st_size  # the cache key follows the file

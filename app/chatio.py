@@ -1,8 +1,11 @@
 """How the REPL talks to a person: a rich terminal or plain lines (tests/doubles.py has a scripted one).
 
-The loop in app/repl.py owns the histories and the commands; a ChatIO only reads a line, shows panels
-while they stream, and prints messages and tables (the split of FastChat's serve/inference.py and
-serve/cli.py). Panels arrive as PanelView lists so this module knows nothing of models or sessions.
+The loop in app/repl_loop.py owns the histories and the commands; a ChatIO only reads a line, shows
+panels while they stream, and prints messages and tables (the split of FastChat's serve/inference.py
+and serve/cli.py). Panels arrive as PanelView lists so this module knows nothing of models or sessions.
+
+What Ctrl-C does is decided here too (CtrlC), since it depends on the terminal's modes: at the line
+editor the key is read as a key, everywhere else the terminal turns it into SIGINT.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import abc
 import contextlib
 import io
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Below this many columns per panel the answers wrap into slivers, so panels stack instead.
 MIN_PANEL_WIDTH = 38
@@ -31,6 +36,9 @@ class PanelView:
     """Tokens, speed, stop reason, check results."""
     failed: bool = False
     """The side raised an error: drawn in red."""
+    conversation: list[dict] = field(default_factory=list)
+    """Messages shown above the answer, oldest first, ending with the prompt it answers ({role, content});
+    empty to show the answer alone."""
 
 
 class ChatIO(abc.ABC):
@@ -62,6 +70,12 @@ def printable(text: str) -> str:
     """Model output with control characters escaped: a stray ESC or backspace from an undertrained
     checkpoint must not move the cursor or restyle the terminal."""
     return text.translate(_CONTROL)
+
+
+def conversation_lines(messages: list[dict]) -> list[str]:
+    """A panel's earlier messages as plain lines: the person's turns after `you: `, answers as they are."""
+    return [f"you: {printable(m['content'])}" if m.get("role") == "user" else printable(m["content"])
+            for m in messages]
 
 
 def final_views(updates: Iterable[list[PanelView]]) -> list[PanelView]:
@@ -96,6 +110,8 @@ class PlainChatIO(ChatIO):
         views = final_views(updates)
         for v in views:
             print(f"=== {v.title}{' (error)' if v.failed else ''}", file=self.out)
+            for line in conversation_lines(v.conversation):
+                print(line, file=self.out)
             print(printable(v.body), file=self.out)
             if v.subtitle:
                 print(f"--- {v.subtitle}", file=self.out)
@@ -124,20 +140,57 @@ def _is_number(cell: str) -> bool:
     return True
 
 
-def panels_renderable(views: Sequence[PanelView], width: int):
-    """Panels side by side in equal columns, or stacked when the terminal is too narrow."""
+def panel_text(v: PanelView):
+    """A panel's body as rich Text: the conversation (the person's turns in cyan, earlier answers dim),
+    then the answer."""
+    from rich.text import Text
+
+    text = Text()
+    for m in v.conversation:
+        user = m.get("role") == "user"
+        text.append(f"you: {printable(m['content'])}" if user else printable(m["content"]),
+                    style="cyan" if user else "dim")
+        text.append("\n\n")
+    text.append(printable(v.body) or "…", style="red" if v.failed else "")
+    return text
+
+
+def tail(text, console, width: int, height: int):
+    """The last `height` lines of text wrapped at `width` (the first shown as `…` when cut)."""
+    from rich.text import Text
+
+    lines = text.wrap(console, max(width, 1))
+    if len(lines) <= height:
+        return text
+    kept = Text("…", style="dim")
+    for line in lines[len(lines) - max(height - 1, 1):]:
+        kept.append("\n")
+        kept.append_text(line)
+    return kept
+
+
+def panels_renderable(views: Sequence[PanelView], width: int, console=None, height: int | None = None):
+    """Panels side by side in equal columns, or stacked when the terminal is too narrow. With a console
+    and a height (while answers stream), a panel showing a conversation keeps only what fits, its end:
+    rich's Live cuts a frame taller than the terminal at the bottom, which would hide the answer."""
     from rich.console import Group
     from rich.panel import Panel
     from rich.table import Table
     from rich.text import Text
 
-    panels = [
-        Panel(Text(printable(v.body) or "…", style="red" if v.failed else ""), title=Text(v.title, style="bold"),
-              subtitle=Text(v.subtitle, style="dim") if v.subtitle else None,
-              border_style="red" if v.failed else "cyan", title_align="left", subtitle_align="right")
-        for v in views
-    ]
-    if len(panels) > 1 and width >= MIN_PANEL_WIDTH * len(panels):
+    n = max(len(views), 1)
+    side_by_side = n > 1 and width >= MIN_PANEL_WIDTH * n
+    inner = (width - n + 1) // n - 4 if side_by_side else width - 4  # less borders, padding, gaps
+    room = max(height - 3 if side_by_side else height // n - 2, 3) if console is not None and height else None
+    panels = []
+    for v in views:
+        body = panel_text(v)
+        if room is not None and v.conversation:
+            body = tail(body, console, inner, room)
+        panels.append(Panel(body, title=Text(v.title, style="bold"),
+                            subtitle=Text(v.subtitle, style="dim") if v.subtitle else None,
+                            border_style="red" if v.failed else "cyan", title_align="left", subtitle_align="right"))
+    if side_by_side:
         grid = Table.grid(expand=True, padding=(0, 1))
         for _ in panels:
             grid.add_column(ratio=1, overflow="fold")  # long unbroken answers wrap, as when stacked
@@ -189,7 +242,10 @@ class RichChatIO(ChatIO):
         if self._session is None:
             self._session = PromptSession(history=InMemoryHistory(), completer=self._completer,
                                           auto_suggest=AutoSuggestFromHistory(), complete_while_typing=False)
-        return self._session.prompt(prompt)
+        # Ctrl-C at the line editor is a key (raw mode), read as KeyboardInterrupt from prompt(). SIGINT
+        # stays with the caller's handler (CtrlC): prompt_toolkit's own one puts the default handler back
+        # as it finishes, and a Ctrl-C in that moment interrupts its teardown.
+        return self._session.prompt(prompt, handle_sigint=False)
 
     def stream_output(self, updates):
         from rich.live import Live
@@ -198,7 +254,8 @@ class RichChatIO(ChatIO):
         # The renderable is rebuilt per update (not per refresh) so the width is read as it is now.
         with _no_echo(), Live(console=self.console, refresh_per_second=10, transient=False) as live:
             for views in updates:
-                live.update(panels_renderable(views, self.console.width))
+                live.update(panels_renderable(views, self.console.width, self.console, self.console.height))
+            live.update(panels_renderable(views, self.console.width))  # the last frame whole
         if not self.console.is_terminal:  # Live ends its last frame with a newline only on a terminal
             self.console.line()
         return views
@@ -222,3 +279,78 @@ class RichChatIO(ChatIO):
         for row in rows:
             t.add_row(*[str(c) for c in row])
         self.console.print(t)
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------------
+
+class StopFlag:
+    """A stop request set from a signal handler. Not a threading.Event: Event.set takes a lock, and a
+    second SIGINT arriving while the handler is inside it would run the handler again there and wait
+    on that lock forever. The generating threads only read it."""
+
+    def __init__(self):
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+class CtrlC:
+    """What SIGINT does at each moment of a REPL: while answers stream it stops them (every side ends
+    after its current token and keeps what it said); while a command works (loading a model, scoring)
+    it ends that command with KeyboardInterrupt; anywhere else (at the prompt, while a panel is drawn,
+    between a prompt and its answer) it is ignored. So no Ctrl-C can end the session or leave the line
+    editor half torn down: raising KeyboardInterrupt at an arbitrary moment is what did both.
+
+    At the line editor itself Ctrl-C is not a signal (the terminal is in raw mode): prompt_toolkit
+    reads the key and prompt() raises KeyboardInterrupt, which the loop takes as "clear the line"."""
+
+    def __init__(self):
+        self.stop: StopFlag | None = None
+        self.raising = False
+        self._depth = 0
+
+    def __call__(self, signum, frame) -> None:
+        if self.stop is not None:
+            self.stop.set()
+        elif self.raising:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        """This handler for SIGINT inside the block (the main thread only; nested blocks reuse it)."""
+        if self._depth or threading.current_thread() is not threading.main_thread():
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+            return
+        previous = signal.signal(signal.SIGINT, self)
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def answering(self, stop: StopFlag):
+        """Ctrl-C sets `stop` inside the block."""
+        previous, self.stop = self.stop, stop
+        try:
+            yield stop
+        finally:
+            self.stop = previous
+
+    @contextlib.contextmanager
+    def command(self, interruptible: bool = True):
+        """Ctrl-C raises KeyboardInterrupt inside the block (unless answering, or not interruptible)."""
+        previous, self.raising = self.raising, interruptible
+        try:
+            yield
+        finally:
+            self.raising = previous

@@ -1,16 +1,20 @@
-"""The chat-IO versions on their own: layout, plain formats, escaping, the scripted reader."""
+"""The chat-IO versions on their own: layout, plain formats, escaping, the whole conversation, what
+Ctrl-C does, the scripted reader."""
 
 from __future__ import annotations
 
 import io
+import signal
 
 import pytest
 from rich.console import Console
 
 from app.chatio import (
+    CtrlC,
     PanelView,
     PlainChatIO,
     RichChatIO,
+    StopFlag,
     panels_renderable,
     printable,
 )
@@ -79,3 +83,50 @@ def test_scripted_reads_lines_then_ends():
         scripted.prompt_for_input("> ")
     scripted.stream_output(iter(UPDATES))
     assert scripted.outputs == [UPDATES[-1]]
+
+
+CONVERSATION = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "alpha beta"},
+                {"role": "user", "content": "again"}]
+
+
+def test_a_panel_can_show_its_whole_conversation():
+    out = io.StringIO()
+    PlainChatIO(out, io.StringIO()).stream_output([[PanelView("[1] x", "gamma", "3 tok", conversation=CONVERSATION)]])
+    assert out.getvalue() == "=== [1] x\nyou: hello\nalpha beta\nyou: again\ngamma\n--- 3 tok\n"
+    lines = _render([PanelView("[1] x", "gamma", conversation=CONVERSATION), PanelView("[2] y", "DELTA")], 120)
+    text = "\n".join(lines)
+    assert text.index("you: hello") < text.index("alpha beta") < text.index("you: again") < text.index("gamma")
+    assert "DELTA" in text
+
+
+def test_while_streaming_a_long_conversation_keeps_its_end_in_view():
+    """rich's Live cuts a frame taller than the terminal at the bottom, where the answer streams."""
+    long = [{"role": r, "content": f"{r} line {k}"} for k in range(20) for r in ("user", "assistant")]
+    views = [PanelView("[1] x", "the answer so far", conversation=long), PanelView("[2] y", "short")]
+    console = Console(file=io.StringIO(), width=100, height=12, force_terminal=False, color_system=None)
+    console.print(panels_renderable(views, 100, console, 12))
+    frame = console.file.getvalue().splitlines()
+    assert len(frame) <= 12 and "the answer so far" in frame[-2] and "…" in frame[1]
+    assert "user line 0" not in "".join(frame) and "assistant line 19" in "".join(frame)
+    whole = _render(views, 100)  # the last frame, after the stream: everything
+    assert "user line 0" in "".join(whole) and len(whole) > 40
+
+
+def test_ctrl_c_stops_an_answer_ends_a_command_and_is_ignored_elsewhere():
+    ctrl_c, before = CtrlC(), signal.getsignal(signal.SIGINT)
+    with ctrl_c.installed():
+        assert signal.getsignal(signal.SIGINT) is ctrl_c
+        signal.raise_signal(signal.SIGINT)  # at the prompt, or between steps: nothing happens
+        stop = StopFlag()
+        with ctrl_c.command(), ctrl_c.answering(stop):  # an answer inside a command: only the answer stops
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt), ctrl_c.command():  # a command that is working ends
+            signal.raise_signal(signal.SIGINT)
+        with ctrl_c.command(interruptible=False):
+            signal.raise_signal(signal.SIGINT)
+        with ctrl_c.installed():  # nested: the same handler, still there after
+            pass
+        assert signal.getsignal(signal.SIGINT) is ctrl_c
+    assert signal.getsignal(signal.SIGINT) is before

@@ -1,35 +1,37 @@
-"""The REPL's loop: panels over a comparison session, the commands, and their Tab completion.
+"""The REPL's chat loop: panels over a comparison session and the commands about checkpoints, settings,
+conversations and votes.
 
-`python -m app.repl` (app/repl.py) starts it; what a person sees goes through a ChatIO (app/chatio.py).
-Held-out answers are scored by trainer.evals.heldout, as everywhere else; checkpoints are named by
-trainer.core.catalog's label.
+`python -m app.repl` (app/repl.py, which adds the commands that score answers or save them, and Tab
+completion) starts it; what a person sees goes through a ChatIO (app/chatio.py). Checkpoints are named by
+trainer.core.catalog's label. Votes go to `<root>/votes.jsonl` through app.votes, the web app's file.
+
+Blind mode (`/blind`) titles the panels A, B, C, D only, in an order shuffled by the session's own
+random generator, until a vote reveals them; its votes are marked `blind`. Ctrl-C follows
+app.chatio.CtrlC: it stops an answer, ends a command that is working, and is ignored anywhere else,
+so only /quit or Ctrl-D end the session.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import shlex
-import signal
-import threading
+import string
 from pathlib import Path
 
-from prompt_toolkit.completion import Completer, Completion
-
 from app.catalog import checkpoint_id, fmt, spread
-from app.chatio import ChatIO, PanelView
-from app.session import CompareSession
+from app.chatio import ChatIO, CtrlC, PanelView, StopFlag
+from app.votes import Vote, VoteStore
 from trainer.core.catalog import checkpoint_label, is_checkpoint, list_runs, read_run
 from trainer.core.errors import StepwiseError, first_line
-from trainer.evals import registry, scoring
-from trainer.evals.heldout import score_generation, summarize_rows
-from trainer.evals.prompts import HeldoutPrompt, check_instruction, load_prompts
+from trainer.evals.prompts import HeldoutPrompt, load_prompts
 from trainer.inference.generate import GenerationSettings
 
 MAX_PANELS = 4
 PROMPT = "you> "
-METRICS = (*scoring.SUMMARY_METRICS, "mean_length", "distinct_2", "eos_rate")
+MAX_NEW_TOKENS = 512
+"""The cap on max_new_tokens without --max_new_tokens: the web app's (`python -m app.web`) default."""
+LETTERS = string.ascii_uppercase
 
 
 # --- which checkpoints ---------------------------------------------------------------------------
@@ -51,47 +53,89 @@ def resolve(arg: str, root: Path) -> list[Path]:
     raise StepwiseError(f"{arg}: not a checkpoint or run folder (nor under {root})")
 
 
-# --- formatting ----------------------------------------------------------------------------------
+# --- panels and votes ----------------------------------------------------------------------------
 
-def marks(flags: list[bool]) -> str:
-    return "".join("✓" if f else "✗" for f in flags)
-
-
-def check_lines(p: HeldoutPrompt, result: dict) -> str:
-    lines = [f"{'✓' if s else '✗'} {i}" + ("" if s == lo else " (loose ✓)")
-             for i, s, lo in zip(p.instruction_id_list, result["strict"], result["loose"])]
-    if result["rougeL"] is not None:
-        lines.append(f"rougeL {result['rougeL']:.3f}")
-    return "\n".join(lines)
+def letter(i: int) -> str:
+    return LETTERS[i] if i < len(LETTERS) else str(i + 1)
 
 
-def summary_row(name: str, s: dict) -> list[str]:
-    return [name, str(s["n"])] + [fmt(s[m], 3) for m in METRICS]
+def panel_index(word: str, n: int, what: str) -> int:
+    """A panel named by its letter (A, b) or its number (1-based) -> its index."""
+    if not n:
+        raise StepwiseError(f"{what}: there are no panels (/load one)")
+    k = int(word) - 1 if word.isdigit() else LETTERS.find(word.upper()) if len(word) == 1 else -1
+    if not 0 <= k < n:
+        raise StepwiseError(f"{what}: {word!r} is not a panel (A to {letter(n - 1)}, or 1 to {n})")
+    return k
+
+
+VOTE_USAGE = "usage: /vote A|B|tie|bad with two panels; with more, /vote A C (A better than C) or /vote tie|bad A C"
+
+
+def parse_vote(arg: str, n: int) -> tuple[int, int, str]:
+    """/vote's words -> (panel i, panel j, app.votes outcome of i against j), i < j."""
+    words = arg.split()
+    kind = words[0].lower() if words and words[0].lower() in ("tie", "bad") else None
+    panels = [panel_index(w, n, "/vote") for w in (words[1:] if kind else words)]
+    if len(panels) == 2 and panels[0] != panels[1]:
+        first, other = panels
+    elif len(panels) == (0 if kind else 1) and n == 2:
+        first = panels[0] if panels else 0
+        other = 1 - first
+    else:
+        raise StepwiseError(VOTE_USAGE)
+    i, j = sorted((first, other))
+    outcome = {"tie": "tie", "bad": "both_bad"}.get(kind) or ("a" if first == i else "b")
+    return i, j, outcome
+
+
+def on_off(arg: str, current: bool, command: str) -> bool:
+    """`on`, `off`, or nothing to toggle."""
+    word = arg.lower()
+    if word not in ("", "on", "off"):
+        raise StepwiseError(f"usage: {command} [on|off], got {arg!r}")
+    return (not current) if not word else word == "on"
 
 
 # --- the loop ------------------------------------------------------------------------------------
 
-class Repl:
+class ChatLoop:
     """The chat loop: owns the session (histories) and the commands; shows everything through a ChatIO."""
 
-    def __init__(self, session, io: ChatIO, root: Path, prompts_path: str, seed: int | None = None):
-        self.session, self.io, self.root, self.prompts_path = session, io, root, prompts_path
+    def __init__(self, session, io: ChatIO, root: Path, prompts_path: str, seed: int | None = None,
+                 max_new_tokens: int = MAX_NEW_TOKENS):
+        self.session, self.io, self.root, self.prompts_path = session, io, Path(root), prompts_path
+        self.max_new_tokens = max_new_tokens
+        """The cap /params may not go above (--max_new_tokens)."""
         self._prompts: list[HeldoutPrompt] | None = None
         self._titles: dict[str, str] = {}
         self._sizes: dict[str, int] = {}  # parameter bytes of each model loaded, by path
-        self._stop = threading.Event()  # the current answer's; set by Ctrl-C
+        self._stop = StopFlag()  # the current answer's; set by Ctrl-C
+        self.ctrl_c = CtrlC()
         self.rng = random.Random(seed)
+        self.shuffler = random.Random(seed)  # blind order; apart from rng so /heldout draws stay the same
         self.last_prompt: str | None = None
-        self.commands = {
+        self.turn = 0  # chat prompts asked; a vote is taken once per pair of panels per turn
+        self.turn_settings: GenerationSettings | None = None  # what the last turn's answers were made with
+        self.voted: set[tuple[int, int, int]] = set()
+        self.show_history = False  # /history on: panels show the whole conversation
+        self.blind = False  # /blind on: panels titled by letter and shuffled at each round
+        self.hidden = False  # blind, and no vote has revealed this round's titles yet
+        self.votes = VoteStore(self.root)
+        self.commands = self.command_table()
+
+    def command_table(self) -> dict:
+        """Name -> (method, usage, help), in /help's order."""
+        return {
             "/models": (self.cmd_models, "", "checkpoints under the root (their numbers work with /load)"),
             "/load": (self.cmd_load, "CKPT|N", "add a panel: a checkpoint or run folder, or a /models number"),
             "/drop": (self.cmd_drop, "N", "remove panel N"),
             "/params": (self.cmd_params, "[key=value ...]", "show or set generation settings"),
-            "/heldout": (self.cmd_heldout, "[N]", "N random held-out prompts (default 3), checked and scored"),
-            "/score": (self.cmd_score, "[KEY | ID [k=v ...]]",
-                       "check the last answers (default: against the held-out prompt just typed)"),
-            "/reset": (self.cmd_reset, "", "clear every panel's history"),
-            "/save": (self.cmd_save, "FILE", "write the transcript (.json as JSON, anything else Markdown)"),
+            "/history": (self.cmd_history, "[on|off]", "panels show the whole conversation, or the latest answer"),
+            "/blind": (self.cmd_blind, "[on|off]", "hide which checkpoint is which: panels shuffled, titled A, B, …"),
+            "/vote": (self.cmd_vote, "A|B|tie|bad [A C]",
+                      f"which answer is better, into {self.votes.path} (a blind vote reveals the titles)"),
+            "/reset": (self.cmd_reset, "", "clear every panel's history (in blind mode: a new round)"),
             "/help": (self.cmd_help, "", "this list"),
             "/quit": (None, "", "leave (also /exit, Ctrl-D)"),
         }
@@ -99,30 +143,32 @@ class Repl:
     # the loop
 
     def run(self) -> int:
-        self.io.message(f"{len(self.session.sides)} panel(s). Type a prompt, or /help.")
-        while True:
-            try:
-                line = self.io.prompt_for_input(PROMPT).strip()
-            except EOFError:
-                return 0
-            except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, as in a shell
-                continue
-            if not line:
-                continue
-            if not line.startswith("/"):
-                self.guard(self.ask, line)
-                continue
-            name, _, arg = line.partition(" ")
-            if name in ("/quit", "/exit"):
-                return 0
-            if name not in self.commands:
-                self.io.error(f"unknown command {name} (/help lists the commands)")
-                continue
-            self.guard(self.commands[name][0], arg.strip())
+        with self.ctrl_c.installed():
+            self.io.message(f"{len(self.session.sides)} panel(s). Type a prompt, or /help.")
+            while True:
+                try:
+                    line = self.io.prompt_for_input(PROMPT).strip()
+                except EOFError:
+                    return 0
+                except KeyboardInterrupt:  # Ctrl-C at the line editor clears the line, as in a shell
+                    continue
+                if not line:
+                    continue
+                if not line.startswith("/"):
+                    self.guard(self.ask, line, interruptible=False)  # Ctrl-C stops the answer, nothing else
+                    continue
+                name, _, arg = line.partition(" ")
+                if name in ("/quit", "/exit"):
+                    return 0
+                if name not in self.commands:
+                    self.io.error(f"unknown command {name} (/help lists the commands)")
+                    continue
+                self.guard(self.commands[name][0], arg.strip())
 
-    def guard(self, fn, arg) -> None:
+    def guard(self, fn, arg, interruptible: bool = True) -> None:
         try:
-            fn(arg)
+            with self.ctrl_c.command(interruptible):
+                fn(arg)
         except StepwiseError as err:
             self.io.error(str(err))
         except KeyboardInterrupt:  # Ctrl-C outside an answer (loading, scoring) ends the command only
@@ -150,25 +196,35 @@ class Repl:
             self._titles[key] = checkpoint_label(side.path)
         return self._titles[key]
 
-    def view(self, i: int, side, gen) -> PanelView:
-        title = f"[{i + 1}] {self.title(side)}"
+    def name(self, i: int, side) -> str:
+        """Panel i's title: its letter alone while blind titles are hidden, else its number (its letter
+        in blind mode) and the label."""
+        if self.hidden:
+            return letter(i)
+        return f"{letter(i)} · {self.title(side)}" if self.blind else f"[{i + 1}] {self.title(side)}"
+
+    def view(self, i: int, side, gen, conversation: list[dict]) -> PanelView:
+        title = self.name(i, side)
         turn = self.turns(side)
         if side.error:
             return PanelView(title, side.error, "failed", failed=True)
+        shown = conversation if self.show_history else []
         if gen is None:
-            return PanelView(title, "")
+            return PanelView(title, "", conversation=shown)
         if not gen.done:
-            return PanelView(title, gen.text, f"{gen.new_tokens} tok…")
+            return PanelView(title, gen.text, f"{gen.new_tokens} tok…", conversation=shown)
         stop = "" if gen.finished else " · stopped" if self._stop.is_set() else " · hit max_new_tokens"
-        return PanelView(title, gen.text, f"turn {turn} · {gen.new_tokens} tok · {gen.tokens_per_s:.0f} tok/s{stop}")
+        return PanelView(title, gen.text, f"turn {turn} · {gen.new_tokens} tok · {gen.tokens_per_s:.0f} tok/s{stop}",
+                         conversation=shown)
 
-    def views(self, session, prompt: str, stop: threading.Event, extra=None):
+    def views(self, session, prompt: str, stop: StopFlag, extra=None):
         """Panel states while session answers prompt; extra(i, gen) adds lines once all are done."""
+        before = [[*s.history, {"role": "user", "content": prompt}] for s in session.sides]
         last = []
         for last in session.stream_all(prompt, stop_event=stop):
-            yield [self.view(i, s, g) for i, (s, g) in enumerate(zip(session.sides, last))]
+            yield [self.view(i, s, g, before[i]) for i, (s, g) in enumerate(zip(session.sides, last))]
         if extra is not None:
-            final = [self.view(i, s, g) for i, (s, g) in enumerate(zip(session.sides, last))]
+            final = [self.view(i, s, g, before[i]) for i, (s, g) in enumerate(zip(session.sides, last))]
             for i, (v, g) in enumerate(zip(final, last)):
                 if g is not None and not v.failed:
                     v.body = f"{v.body}\n\n{extra(i, g)}".rstrip()
@@ -178,31 +234,20 @@ class Repl:
     def turns(side) -> int:
         return sum(1 for m in side.history if m.get("role") == "user")
 
-    def stream(self, session, prompt: str, extra=None) -> None:
-        """Stream into the panels. Ctrl-C sets the stop event instead of raising: every side ends after
-        its current token and keeps what it said (a KeyboardInterrupt inside the session's generator
-        would drop the whole turn). A second Ctrl-C raises as usual."""
+    def stream(self, session, prompt: str, extra=None, stop: StopFlag | None = None) -> None:
+        """Stream into the panels. Ctrl-C, once or more, sets the stop flag instead of raising: every side
+        ends after its current token and keeps what it said (a KeyboardInterrupt inside the session's
+        generator would drop the whole turn, and one in a panel's redraw could end the session)."""
         if not session.sides:
             raise StepwiseError("no panels: /load a checkpoint first (/models lists them)")
-        stop = threading.Event()
-        self._stop = stop
-        restore = None
-        if threading.current_thread() is threading.main_thread():
-            def on_sigint(signum, frame):
-                if stop.is_set():
-                    raise KeyboardInterrupt
-                stop.set()
-            restore = signal.signal(signal.SIGINT, on_sigint)
-        try:
+        self._stop = stop = stop or StopFlag()
+        with self.ctrl_c.installed(), self.ctrl_c.answering(stop):
             self.io.stream_output(self.views(session, prompt, stop, extra))
-        except KeyboardInterrupt:
-            self.io.error("interrupted; this turn is not kept")
-        finally:
-            if restore is not None:
-                signal.signal(signal.SIGINT, restore)
 
     def ask(self, text: str) -> None:
         self.last_prompt = text
+        self.turn += 1
+        self.turn_settings = self.session.settings
         self.stream(self.session, text)
 
     # commands
@@ -215,7 +260,8 @@ class Repl:
         return [c for run in list_runs(self.root) for c in run.checkpoints]
 
     def cmd_models(self, _arg: str) -> None:
-        loaded = {Path(s.path).resolve(): i for i, s in enumerate(self.session.sides, 1)}
+        # While blind titles are hidden, which panel holds which checkpoint is not shown here either.
+        loaded = {} if self.hidden else {Path(s.path).resolve(): i for i, s in enumerate(self.session.sides, 1)}
         rows = [[str(n), checkpoint_id(c.path), fmt(c.step), fmt(c.val_loss, 3), "best" if c.is_best else "",
                  str(loaded.get(c.path.resolve(), ""))] for n, c in enumerate(self.catalogue(), 1)]
         if not rows:
@@ -235,21 +281,29 @@ class Repl:
         for path in paths:
             self.load(str(path))  # now: a broken folder fails here, with its name
             i = self.session.add(str(path))
-            self.io.message(f"panel {i + 1}: {self.title(self.session.sides[i])}")
+            if not self.blind:
+                self.io.message(f"panel {i + 1}: {self.title(self.session.sides[i])}")
+        if self.blind:  # its title would give it away: every panel is shuffled and hidden again
+            self.new_round()
+            self.io.message(f"{len(paths)} panel(s) added; new blind round: {self.letters()} reshuffled, "
+                            "conversations cleared")
 
     def cmd_drop(self, arg: str) -> None:
-        n = len(self.session.sides)
-        if not arg.isdigit() or not 1 <= int(arg) <= n:
-            raise StepwiseError(f"/drop N: N is a panel number, 1 to {n}")
-        self.session.drop(int(arg) - 1)
+        self.session.drop(panel_index(arg, len(self.session.sides), "/drop N"))
         self.io.message(f"dropped panel {arg}; {len(self.session.sides)} left")
 
     def cmd_params(self, arg: str) -> None:
         if arg:
             try:
-                self.session.settings = parse_settings(self.session.settings, shlex.split(arg))
+                settings = parse_settings(self.session.settings, shlex.split(arg))
             except StepwiseError as err:  # the settings' own checks name CLI flags; say where it came from
-                raise StepwiseError(f"/params: {str(err).removeprefix('/params: ')}") from None
+                raise StepwiseError(f"/params: {str(err).removeprefix('/params: ').removeprefix('--')}") from None
+            cap = self.max_new_tokens
+            if settings.max_new_tokens > cap:  # as the web app clamps what a client asks for, but said
+                self.io.message(f"/params: max_new_tokens {settings.max_new_tokens} is above this session's cap; "
+                                f"using {cap} (start with --max_new_tokens N for another cap)")
+                settings = dataclasses.replace(settings, max_new_tokens=cap)
+            self.session.settings = settings
         s = self.session.settings
         self.io.message("  ".join(f"{f.name}={getattr(s, f.name)}" for f in dataclasses.fields(s)))
 
@@ -258,107 +312,89 @@ class Repl:
             self._prompts = load_prompts(self.prompts_path)
         return self._prompts
 
-    def cmd_heldout(self, arg: str) -> None:
-        if arg and (not arg.isdigit() or int(arg) < 1):
-            raise StepwiseError(f"/heldout N: N is a positive number, got {arg!r}")
-        pool = self.prompts()
-        chosen = self.rng.sample(pool, min(int(arg or 3), len(pool)))
-        # A scratch session: each held-out prompt is answered on its own, and the chat's histories stay.
-        scratch = CompareSession([s.path for s in self.session.sides], cache=self.session.cache,
-                                 settings=self.session.settings)
-        results = [[] for _ in scratch.sides]
-        for k, p in enumerate(chosen, 1):
-            self.io.message(f"held-out {k}/{len(chosen)} [{p.key}] {p.prompt}")
-            scratch.reset()
-
-            def extra(i, gen, p=p):
-                row = score_generation(p, gen)
-                results[i].append(row)
-                return check_lines(p, row)
-
-            self.stream(scratch, p.prompt, extra)
-            if self._stop.is_set():  # Ctrl-C ends the whole run; what was answered is still scored
-                self.io.message(f"stopped after {k} of {len(chosen)} prompts")
-                break
-        rows = [summary_row(f"[{i}] {self.title(s)}", summarize_rows(r))
-                for i, (s, r) in enumerate(zip(scratch.sides, results), 1) if r]
-        self.io.table(f"held-out scores ({k} prompt(s) from {self.prompts_path})",
-                      ["checkpoint", "n", *METRICS], rows)
-
-    def score_target(self, arg: str) -> HeldoutPrompt:
-        words = shlex.split(arg)
-        if not words:
-            match = [p for p in self.prompts() if p.prompt.strip() == (self.last_prompt or "").strip()]
-            if not match:
-                raise StepwiseError("/score: the last prompt is not a held-out prompt; give /score KEY or "
-                                    "/score INSTRUCTION_ID [key=value ...]")
-            return match[0]
-        if ":" not in words[0]:
-            match = [p for p in self.prompts() if p.key == words[0]]
-            if not match:
-                raise StepwiseError(f"/score {words[0]}: no such key in {self.prompts_path}")
-            return match[0]
-        ids, kwargs = [], []
-        for w in words:
-            if "=" in w and ids:
-                k, _, v = w.partition("=")
-                kwargs[-1][k] = int(v) if v.lstrip("-").isdigit() else v
-            elif w in registry.instruction_registry():
-                ids.append(w)
-                kwargs.append({})
-            else:
-                raise StepwiseError(f"/score: {w!r} is not an IFEval instruction id (or key=value after one)")
-        p = HeldoutPrompt("typed", self.last_prompt or "", ids, kwargs)
-        for i, kw in zip(ids, kwargs):
-            check_instruction(i, kw, p.prompt, "/score")
-        return p
-
-    def cmd_score(self, arg: str) -> None:
-        answered = [s for s in self.session.sides if s.last is not None]
-        if not answered:
-            raise StepwiseError("/score: no answers yet; type a prompt first")
-        p = self.score_target(arg)
-        rows = []
-        for i, s in enumerate(self.session.sides, 1):
-            if s.last is None:
-                rows.append([f"[{i}] {self.title(s)}", "-", "-", "-", "-"])
-                continue
-            r = scoring.score_response(p, s.last.text)
-            rows.append([f"[{i}] {self.title(s)}", marks(r["strict"]) or "-", marks(r["loose"]) or "-",
-                         fmt(r["rougeL"], 3), str(r["length"])])
-        self.io.table(f"/score against {p.key}: {', '.join(p.instruction_id_list) or 'reference only'}",
-                      ["checkpoint", "strict", "loose", "rougeL", "words"], rows)
-
     def cmd_reset(self, _arg: str) -> None:
+        if self.blind:
+            self.new_round()
+            self.io.message(f"histories cleared; new blind round: {self.letters()} reshuffled, titles hidden")
+            return
         self.session.reset()
         self.last_prompt = None
         self.io.message("histories cleared")
 
-    def cmd_save(self, arg: str) -> None:
-        if not arg:
-            raise StepwiseError("usage: /save FILE (.json for JSON, anything else Markdown)")
-        path = Path(arg).expanduser()
-        panels = [{"checkpoint": str(s.path), "label": self.title(s), "history": list(s.history)}
-                  for s in self.session.sides]
-        settings = dataclasses.asdict(self.session.settings)
-        if path.suffix.lower() == ".json":
-            text = json.dumps({"settings": settings, "panels": panels}, indent=2, ensure_ascii=False) + "\n"
-        else:
-            text = transcript_markdown(panels, settings)
+    def cmd_history(self, arg: str) -> None:
+        self.show_history = on_off(arg, self.show_history, "/history")
+        self.io.message("history on: panels show the whole conversation" if self.show_history
+                        else "history off: panels show the latest answer")
+
+    # blind comparison and votes
+
+    def letters(self) -> str:
+        return ", ".join(letter(i) for i in range(len(self.session.sides)))
+
+    def new_round(self) -> None:
+        """Titles hidden, panels shuffled, conversations cleared: an earlier answer on screen beside its
+        title would tell which panel is which."""
+        self.blind = self.hidden = True
+        self.shuffler.shuffle(self.session.sides)
+        self.session.reset()
+        self.last_prompt = None
+
+    def reveal(self) -> str:
+        self.hidden = False
+        return "revealed: " + ", ".join(f"{letter(i)} = {self.title(s)}" for i, s in enumerate(self.session.sides))
+
+    def cmd_blind(self, arg: str) -> None:
+        if not on_off(arg, self.blind, "/blind"):
+            shown = self.reveal() if self.hidden else ""
+            self.blind = False
+            self.io.message(f"blind off{'; ' + shown if shown else ''}")
+            return
+        if len(self.session.sides) < 2:
+            raise StepwiseError("/blind: load at least two panels to compare (/load)")
+        self.new_round()
+        self.io.message(f"blind: panels {self.letters()} in a shuffled order, titles hidden, conversations cleared; "
+                        "/vote reveals them, /reset starts a new round, /blind off leaves")
+
+    def vote_id(self, path) -> str:
+        """A checkpoint as votes name it: relative to the root, as the web app's are; one outside the root
+        by run/folder (an absolute path would put the user's home folder into the votes file)."""
+        p, root = Path(path).resolve(), self.root.resolve()
+        return p.relative_to(root).as_posix() if p.is_relative_to(root) and p != root else checkpoint_id(p)
+
+    def heldout_key(self, prompt: str) -> str | None:
         try:
-            path.write_text(text, encoding="utf-8")
-        except OSError as err:
-            raise StepwiseError(f"/save {arg}: {err.strerror}") from None
-        self.io.message(f"saved {len(panels)} panel(s) to {path}")
+            return next((p.key for p in self.prompts() if p.prompt.strip() == prompt.strip()), None)
+        except StepwiseError:  # no prompt file: the prompt was typed
+            return None
 
-
-def transcript_markdown(panels: list[dict], settings: dict) -> str:
-    out = ["# Stepwise transcript", "", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()), ""]
-    for i, p in enumerate(panels, 1):
-        out += [f"## [{i}] {p['label']}", "", f"`{p['checkpoint']}`", ""]
-        for m in p["history"]:
-            out += [f"**{m['role']}:**", "", m["content"], ""]
-    return "\n".join(out)
+    def cmd_vote(self, arg: str) -> None:
+        sides = self.session.sides
+        if len(sides) < 2:
+            raise StepwiseError("/vote: load two panels to compare (/load)")
+        i, j, outcome = parse_vote(arg, len(sides))
+        a, b = sides[i], sides[j]
+        for k, s in ((i, a), (j, b)):
+            if s.error or len(s.history) < 2 or s.history[-1]["role"] != "assistant":
+                raise StepwiseError(f"/vote: panel {letter(k)} has no answer to vote on (type a prompt first)")
+        pair = f"{letter(i)} and {letter(j)}"
+        prompt = a.history[-2]["content"]
+        if b.history[-2]["content"] != prompt:
+            raise StepwiseError(f"/vote: panels {pair} last answered different prompts")
+        if (self.turn, i, j) in self.voted:
+            raise StepwiseError(f"/vote: {pair} already have a vote for these answers")
+        if not self.root.is_dir():
+            raise StepwiseError(f"/vote: {self.root} is not a folder (votes are kept in --root's votes.jsonl)")
+        self.votes.append(Vote(
+            a=self.vote_id(a.path), b=self.vote_id(b.path), outcome=outcome, prompt=prompt,
+            answers=[a.history[-1]["content"], b.history[-1]["content"]], key=self.heldout_key(prompt),
+            settings=dataclasses.asdict(self.turn_settings or self.session.settings),
+            histories=[list(a.history[:-1]), list(b.history[:-1])], blind=self.hidden))
+        self.voted.add((self.turn, i, j))
+        verdict = {"a": f"{letter(i)} better than {letter(j)}", "b": f"{letter(j)} better than {letter(i)}",
+                   "tie": f"{pair}: a tie", "both_bad": f"{pair}: both bad"}[outcome]
+        self.io.message(f"vote recorded in {self.votes.path}{' (blind)' if self.hidden else ''}: {verdict}")
+        if self.hidden:
+            self.io.message(self.reveal())
 
 
 def parse_settings(base: GenerationSettings, pairs: list[str]) -> GenerationSettings:
@@ -369,46 +405,12 @@ def parse_settings(base: GenerationSettings, pairs: list[str]) -> GenerationSett
         key, eq, value = pair.partition("=")
         if not eq or key not in types:
             raise StepwiseError(f"/params: expected key=value with key one of {', '.join(types)}, got {pair!r}")
+        whole = types[key].startswith("int")
         try:
             if "None" in types[key] and value.lower() in ("none", "null", ""):
                 changes[key] = None
             else:
-                changes[key] = (int if types[key].startswith("int") else float)(value)
+                changes[key] = (int if whole else float)(value)
         except ValueError:
-            raise StepwiseError(f"/params: {key} must be a number, got {value!r}") from None
+            raise StepwiseError(f"/params: {key} must be a {'whole ' if whole else ''}number, got {value!r}") from None
     return dataclasses.replace(base, **changes)
-
-
-class CommandCompleter(Completer):
-    """Tab completion: command names, then each command's own words (checkpoints, keys, setting names)."""
-
-    def __init__(self, repl: Repl):
-        self.repl = repl
-
-    def get_completions(self, document, complete_event):
-        text = document.text_before_cursor
-        if not text.startswith("/"):
-            return
-        if " " not in text:
-            word, options = text, [*self.repl.commands, "/exit"]
-        else:
-            name, _, rest = text.partition(" ")
-            word, options = rest.split(" ")[-1], self.options(name)
-        for o in options:
-            if o.startswith(word):
-                yield Completion(o, start_position=-len(word))
-
-    def options(self, name: str) -> list[str]:
-        repl = self.repl
-        try:
-            if name == "/load":
-                return [checkpoint_id(c.path) for c in repl.catalogue()]
-            if name == "/drop":
-                return [str(i) for i in range(1, len(repl.session.sides) + 1)]
-            if name == "/params":
-                return [f"{f.name}=" for f in dataclasses.fields(GenerationSettings)]
-            if name == "/score":
-                return [p.key for p in repl.prompts()] + sorted(registry.instruction_registry())
-        except StepwiseError:  # a missing prompt file just means nothing to complete
-            pass
-        return []

@@ -197,6 +197,12 @@ def ratings_table(votes: list[Vote]) -> list[list]:
     return [[r.checkpoint, round(r.rating, 1), r.votes, r.wins, r.losses, r.ties, r.both_bad] for r in ratings(votes)]
 
 
+def ratings_tables(votes: list[Vote]) -> tuple[list[list], list[list]]:
+    """ratings_table of the open votes and of the blind ones, fitted apart: a voter who saw "step 3000"
+    may be biased, so the two kinds are never pooled."""
+    return (ratings_table([v for v in votes if not v.blind]), ratings_table([v for v in votes if v.blind]))
+
+
 # --- export as a preference dataset -------------------------------------------------------------
 
 PREFERENCES_FILE = "preferences.jsonl"

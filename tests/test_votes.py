@@ -18,6 +18,7 @@ from app.votes import (
     bradley_terry,
     ratings,
     ratings_table,
+    ratings_tables,
 )
 from app.votes import main as votes_main
 from trainer.cli.args import run_command
@@ -85,6 +86,17 @@ def test_undefeated_checkpoint_stays_finite():
     assert table[0][1] < 3000
     assert ratings_table([]) == []
 
+
+def test_blind_votes_are_rated_apart_from_open_ones(tmp_path):
+    store = VoteStore(tmp_path)
+    for vote in [Vote("s10", "s20", "b")] * 3 + [Vote("s10", "s20", "a", blind=True)] * 2:
+        store.append(vote)
+    votes = store.read()
+    assert [v.blind for v in votes] == [False] * 3 + [True] * 2
+    open_rows, blind_rows = ratings_tables(votes)
+    assert open_rows == ratings_table(votes[:3]) and blind_rows == ratings_table(votes[3:])
+    assert open_rows[0][0] == "s20" and blind_rows[0][0] == "s10"  # the two kinds disagree: never pooled
+    assert ratings_tables([]) == ([], [])
 
 # --- export as a preference dataset -------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """`python -m app.web --root checkpoints`: compare the checkpoints of a run in the browser.
 
-Tabs: Compare (2-4 checkpoints side by side, streaming, held-out prompts, votes and ratings), Timeline
-(one held-out prompt's stored answer at every step), Training (loss curves, metrics, early stopping,
-plan), Eval (held-out scoring of chosen checkpoints). Everything is read from under --root; nothing a
-browser or API client sends can name a path outside it. Serves on 127.0.0.1 unless --host says
+Tabs: Compare (2-4 checkpoints side by side, streaming, held-out prompts, open or blind votes, ratings,
+the votes' export as a preference dataset), Timeline (one held-out prompt's stored answer at every
+step), Training (loss curves, metrics, early stopping, plan), Eval (held-out scoring of chosen
+checkpoints). Everything is read from under --root; nothing a browser or API client sends can name a
+path outside it, and nothing the page shows names one. Serves on 127.0.0.1 unless --host says
 otherwise; a public share link only with --share.
 """
 
@@ -13,23 +14,30 @@ import argparse
 import errno
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import gradio as gr
 
 from app.catalog import keep_choice
 from app.session import CompareSession, ModelCache
-from app.votes import VoteStore
+from app.votes import PREFERENCES_FILE, VoteStore, export_preferences, left_out_text
 from app.web_common import (
     CSS,
     MAX_SIDES,
     WebConfig,
+    check_prompt,
     checkpoint_choices,
+    client_error,
     default_picks,
     inside_root,
+    public,
     run_choices,
+    runs,
+    settings_from,
+    user_error,
 )
-from app.web_compare import CompareTab, check_prompt, settings_from
+from app.web_compare import CompareTab
 from app.web_eval import build_eval_tab
 from app.web_timeline import build_timeline_tab
 from app.web_training import build_training_tab
@@ -39,19 +47,38 @@ from trainer.evals.prompts import load_prompts
 
 INTRO = ("**Stepwise**: is step 1500 better than step 1000? Pick a checkpoint per column, send a prompt "
          "(or draw a held-out one), and vote. Root: `{root}`")
+EXPORT_LABEL = "Decisive votes as TRL's prompt/chosen/rejected (JSON Lines)"
+
+
+def export_votes(cfg: WebConfig, folder: Path) -> tuple[str, str]:
+    """(the preference dataset file, its status line): app.votes.export_preferences into `folder`, a
+    one-line gr.Error (naming neither the root's path nor the folder's) when there is nothing to export."""
+    try:
+        path, prefs = export_preferences(cfg.root, folder / PREFERENCES_FILE)
+    except StepwiseError as err:
+        raise user_error(public(folder, public(cfg.root, first_line(err)))) from None
+    n = len(prefs.rows)
+    form = "conversational" if prefs.conversational else "standard (text)"
+    return str(path), f"{n} preference pair{'s' if n != 1 else ''}, {form}; {left_out_text(prefs)}."
 
 
 def build_app(cfg: WebConfig) -> gr.Blocks:
     """The whole page; one model cache and one votes file shared by every browser."""
     cache = ModelCache(cfg.cache_bytes)
     votes = VoteStore(cfg.root)
+    # Exports are written here and handed to gradio, which serves its own copy; removed with the server.
+    exports = tempfile.TemporaryDirectory(prefix="stepwise-export-")
     # No usage analytics: a private server on a closed network phones nowhere.
     with gr.Blocks(title="Stepwise: compare checkpoints", analytics_enabled=False) as demo:
-        gr.Markdown(INTRO.format(root=cfg.root))
+        gr.Markdown(INTRO.format(root=cfg.root.name))  # the name only: where the server keeps files is its own
         catalogue = gr.Markdown(elem_id="catalogue")
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
                 compare = CompareTab(cfg, cache, votes)
+                with gr.Row():
+                    export = gr.Button("Export preference dataset", scale=0, elem_id="export")
+                    export_file = gr.File(label=EXPORT_LABEL, interactive=False, elem_id="export-file", scale=2)
+                export_status = gr.Markdown(elem_id="export-status")
             with gr.Tab("Timeline", id="timeline"):
                 timeline = build_timeline_tab(cfg)
             with gr.Tab("Training", id="training"):
@@ -61,30 +88,34 @@ def build_app(cfg: WebConfig) -> gr.Blocks:
 
         run_dropdowns = [timeline.run, training.run]
 
-        def lists(picks: list, run_values: list, fill: bool) -> dict:
-            """Fresh checkpoint and run lists; kept picks stay, empty ones (on load) get defaults."""
+        def lists(state, picks: list, run_values: list, blind_from, fill: bool) -> dict:
+            """Fresh checkpoint and run lists; kept picks stay, empty ones (on load) get defaults, and
+            while blind the pickers stay empty (their values would give the hidden draw away)."""
             choices = checkpoint_choices(cfg.root)
             values = {v for _, v in choices}
-            defaults = default_picks(choices, MAX_SIDES) if fill else [None] * MAX_SIDES
-            out = {p: gr.Dropdown(choices=choices, value=v if v in values else defaults[i])
+            hidden = getattr(state, "hidden", False)
+            defaults = default_picks(choices, MAX_SIDES) if fill and not hidden else [None] * MAX_SIDES
+            out = {p: gr.Dropdown(choices=choices, value=None if hidden else v if v in values else defaults[i])
                    for i, (p, v) in enumerate(zip(compare.pickers, picks))}
             out[evaluation.picks] = gr.Dropdown(choices=choices)
             names = run_choices(cfg.root)
             for dd, v in zip(run_dropdowns, run_values):
                 out[dd] = gr.Dropdown(choices=names, value=keep_choice(names, v))
-            out[compare.ratings] = compare.ratings_value()
+            out[compare.blind.source] = compare.blind.source_choices(names, blind_from)
+            out.update(compare.ratings_value())
             out[catalogue] = (f"{len(choices)} checkpoint(s) in {len(names)} run(s)." if choices else
                               "No checkpoints under the root yet: run `make train`, then press Refresh.")
             return out
 
-        list_inputs = [*compare.pickers, *run_dropdowns]
-        list_outputs = [*compare.pickers, evaluation.picks, *run_dropdowns, compare.ratings, catalogue]
+        list_inputs = [compare.state, *compare.pickers, *run_dropdowns, compare.blind.source]
+        list_outputs = [*compare.pickers, evaluation.picks, *run_dropdowns, compare.blind.source, compare.ratings,
+                        compare.ratings_blind, catalogue]
 
-        def on_load(*values):
-            return lists(list(values[:MAX_SIDES]), list(values[MAX_SIDES:]), fill=True)
+        def on_load(state, *values):
+            return lists(state, list(values[:MAX_SIDES]), list(values[MAX_SIDES:-1]), values[-1], fill=True)
 
-        def on_refresh(*values):
-            return lists(list(values[:MAX_SIDES]), list(values[MAX_SIDES:]), fill=False)
+        def on_refresh(state, *values):
+            return lists(state, list(values[:MAX_SIDES]), list(values[MAX_SIDES:-1]), values[-1], fill=False)
 
         demo.load(on_load, list_inputs, list_outputs, api_visibility="undocumented")
         compare.refresh.click(on_refresh, list_inputs, list_outputs, api_visibility="undocumented")
@@ -99,11 +130,11 @@ def build_app(cfg: WebConfig) -> gr.Blocks:
             each with its stop reason and speed, or the error that checkpoint gave."""
             prompt = check_prompt(cfg, prompt)
             if not isinstance(checkpoints, list) or not 1 <= len(checkpoints) <= MAX_SIDES:
-                raise gr.Error(f"give 1 to {MAX_SIDES} checkpoints")
+                raise user_error(f"give 1 to {MAX_SIDES} checkpoints")
             try:
                 paths = [str(inside_root(cfg.root, c, "checkpoint")) for c in checkpoints]
             except StepwiseError as err:
-                raise gr.Error(str(err)) from None
+                raise client_error(cfg.root, err) from None
             session = CompareSession(paths, cache=cache, root=cfg.root,
                                      settings=settings_from(cfg, temperature, top_p, max_new_tokens, seed))
             for _ in session.stream_all(prompt):
@@ -112,7 +143,10 @@ def build_app(cfg: WebConfig) -> gr.Blocks:
                      "finished": s.last.finished if s.last and not s.error else None,
                      "new_tokens": s.last.new_tokens if s.last and not s.error else None,
                      "tokens_per_s": round(s.last.tokens_per_s, 2) if s.last and not s.error else None,
-                     "error": s.error} for c, s in zip(checkpoints, session.sides)]
+                     "error": public(cfg.root, s.error) if s.error else None} for c, s in zip(checkpoints, session.sides)]
+
+        export.click(lambda: export_votes(cfg, Path(exports.name)), None, [export_file, export_status],
+                     api_name="export_preferences")
 
         gr.api(checkpoints, api_name="checkpoints")
         gr.api(compare_api, api_name="compare", concurrency_id="generate", concurrency_limit=cfg.concurrency)
@@ -192,6 +226,7 @@ def serve(argv: list[str]) -> int:
     cfg = WebConfig(root=root, prompt_files=prompt_files, max_new_tokens=args.max_new_tokens,
                     max_prompt_chars=args.max_prompt_chars, cache_bytes=int(args.cache_gb * (1 << 30)),
                     concurrency=args.concurrency)
+    runs(cfg.root, log=True)  # one line per folder left out of the lists for linking outside the root
     demo = build_app(cfg)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True,

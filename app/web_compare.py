@@ -1,5 +1,7 @@
 """Compare tab: 2 to 4 columns, each a checkpoint with its own conversation, one prompt streamed to all
-at once; a random held-out prompt with its constraints, scores under each answer; votes and ratings.
+at once; a random held-out prompt with its constraints, scores under each answer; votes and ratings
+(open and blind votes apart). Blind mode (app.web_blind) hides which column holds which checkpoint
+until a vote.
 
 The comparison itself is app.session.CompareSession (one Side per column, shared with the REPL); this
 module only renders it. Components live in named per-column lists and handlers return
@@ -19,21 +21,26 @@ from pathlib import Path
 import gradio as gr
 
 from app.session import CompareSession, ModelCache
-from app.votes import OUTCOME_LABELS, RATING_HEADERS, Vote, VoteStore, ratings_table
+from app.votes import OUTCOME_LABELS, RATING_HEADERS, Vote, VoteStore, ratings_tables
+from app.web_blind import BlindMode, BlindRound
 from app.web_common import (
     MAX_SIDES,
     MIN_SIDES,
     SIDE_NAMES,
     WebConfig,
+    check_prompt,
     constraints_html,
     esc,
     inside_root,
     prompt_file_choices,
+    public,
     rel,
     resolve_prompt_file,
     scores_html,
+    settings_from,
+    user_error,
 )
-from trainer.core.errors import StepwiseError, first_line
+from trainer.core.errors import StepwiseError
 from trainer.evals.heldout import score_generation
 from trainer.evals.prompts import HeldoutPrompt, load_prompts
 from trainer.evals.scoring import words
@@ -59,27 +66,13 @@ class Browser:
     turn: int = 0
     """Completed rounds, so a vote is counted once per answer pair."""
     voted: set = field(default_factory=set)
+    blind: BlindRound | None = None
+    """The blind round, while Blind is on."""
 
-
-def settings_from(cfg: WebConfig, temperature, top_p, max_new_tokens, seed) -> GenerationSettings:
-    """Clamped to the server's caps whatever the client sent; temperature 0 is greedy."""
-    try:
-        return GenerationSettings(
-            max_new_tokens=max(1, min(int(max_new_tokens or 1), cfg.max_new_tokens)),
-            temperature=max(0.0, min(float(temperature or 0.0), 2.0)),
-            top_p=max(0.01, min(float(top_p or 1.0), 1.0)),
-            seed=int(seed) if seed is not None else 0,
-        )
-    except (TypeError, ValueError, StepwiseError) as err:
-        raise gr.Error(f"generation settings: {first_line(err)}") from None
-
-
-def check_prompt(cfg: WebConfig, prompt) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise gr.Error("Type a prompt first (or draw a held-out one).")
-    if len(prompt) > cfg.max_prompt_chars:
-        raise gr.Error(f"The prompt has {len(prompt)} characters; this server takes at most {cfg.max_prompt_chars}.")
-    return prompt
+    @property
+    def hidden(self) -> bool:
+        """Blind and not yet revealed: nothing shown may say which checkpoint a column holds."""
+        return self.blind is not None and not self.blind.revealed
 
 
 def set_pick(cfg: WebConfig, browser: Browser, i: int, pick) -> str | None:
@@ -95,7 +88,7 @@ def set_pick(cfg: WebConfig, browser: Browser, i: int, pick) -> str | None:
     try:
         path, browser.notes[i] = str(inside_root(cfg.root, pick, "checkpoint")), None
     except StepwiseError as err:
-        path, browser.notes[i] = None, str(err)
+        path, browser.notes[i] = None, public(cfg.root, err)
     if s.sides[i].path != path:
         s.set_side(i, path)
         browser.scores[i] = None
@@ -111,11 +104,15 @@ def sync_sides(cfg: WebConfig, browser: Browser, picks: list) -> None:
         set_pick(cfg, browser, i, pick)
 
 
-def stats_text(gen: Generation | None, side, note: str | None) -> str:
+def stats_text(gen: Generation | None, side, note: str | None, root: Path, hidden: bool = False) -> str:
+    """A column's speed, length and stop reason, or its error (without the root's path; while blind,
+    without the error, which would name the checkpoint)."""
+    if (note or side.error) and hidden:
+        return "**Error:** this column's hidden checkpoint could not answer (turn Blind off to see which and why)"
     if note:
         return f"**Error:** {note}"
     if side.error:
-        return f"**Error:** {side.error}"
+        return f"**Error:** {public(root, side.error)}"
     if gen is None:
         return ""
     state = "" if not gen.done else (" · stopped at end of answer" if gen.finished else " · cut at max new tokens")
@@ -133,7 +130,9 @@ class CompareTab:
         self.state = gr.State(None)
         with gr.Row():
             self.n_sides = gr.Radio([2, 3, 4], value=MIN_SIDES, label="Columns", elem_id="n-sides", scale=1)
+            self.blind = BlindMode(self)
             self.refresh = gr.Button("Refresh checkpoint lists", scale=0, elem_id="refresh")
+        self.blind.add_status()
         self.columns, self.pickers, self.chats, self.stats, self.scores = [], [], [], [], []
         with gr.Row(equal_height=False):
             for i in range(MAX_SIDES):
@@ -175,8 +174,11 @@ class CompareTab:
             self.vote_buttons = {o: gr.Button(f"{label}", elem_id=f"vote-{o.replace('_', '-')}", scale=1)
                                  for o, label in OUTCOME_LABELS.items()}
         self.vote_status = gr.Markdown(elem_id="vote-status")
-        self.ratings = gr.Dataframe(headers=RATING_HEADERS, label="Ratings (Bradley-Terry, Elo scale) and votes",
-                                    interactive=False, elem_id="ratings")
+        with gr.Row(equal_height=False):
+            self.ratings = gr.Dataframe(headers=RATING_HEADERS, interactive=False, elem_id="ratings",
+                                        label="Ratings from open votes (Bradley-Terry, Elo scale) and votes")
+            self.ratings_blind = gr.Dataframe(headers=RATING_HEADERS, interactive=False, elem_id="ratings-blind",
+                                              label="Ratings from blind votes, fitted apart")
         self._wire()
 
     # --- rendering -----------------------------------------------------------------------------
@@ -191,7 +193,7 @@ class CompareTab:
                 messages.append({"role": "assistant", "content": gen.text if gen is not None else "…"})
             note = browser.notes[i] if i < len(browser.notes) else None
             out[self.chats[i]] = messages
-            out[self.stats[i]] = stats_text(gen, side, note)
+            out[self.stats[i]] = stats_text(gen, side, note, self.cfg.root, browser.hidden)
             out[self.scores[i]] = scores_html(browser.scores[i] if i < len(browser.scores) else None)
         return out
 
@@ -202,7 +204,10 @@ class CompareTab:
 
     # --- handlers ------------------------------------------------------------------------------
 
-    def _picks(self, data: dict) -> list:
+    def _picks(self, data: dict, browser: Browser | None = None) -> list:
+        """The columns' checkpoints: the pickers', or the hidden draw's while blind."""
+        if browser is not None and browser.hidden:
+            return list(browser.blind.drawn)
         n = int(data[self.n_sides] or MIN_SIDES)
         return [data[p] for p in self.pickers[: max(MIN_SIDES, min(n, MAX_SIDES))]]
 
@@ -214,7 +219,7 @@ class CompareTab:
         out. `start()` syncs the sides and returns the round's iterator; it runs under the tab's lock,
         so a second Send cannot rearrange the sides of a round in flight."""
         if not browser.busy.acquire(blocking=False):
-            raise gr.Error("Still answering the last prompt: press Stop first.")
+            raise user_error("Still answering the last prompt: press Stop first.")
         try:
             rounds = start()
             browser.stop.clear()
@@ -228,13 +233,13 @@ class CompareTab:
                                   for s in browser.session.sides]
             yield self.render(browser)
         except StepwiseError as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(public(self.cfg.root, err)) from None
         finally:
             browser.busy.release()
 
     def _start(self, browser: Browser, data: dict, ask):
         def start():
-            sync_sides(self.cfg, browser, self._picks(data))
+            sync_sides(self.cfg, browser, self._picks(data, browser))
             browser.session.settings = self._settings(data)
             return ask()
         return start
@@ -259,7 +264,7 @@ class CompareTab:
     def on_clear(self, state):
         browser = self.browser(state)
         if browser.busy.locked():
-            raise gr.Error("Still answering: press Stop first.")
+            raise user_error("Still answering: press Stop first.")
         browser.session.reset()
         browser.scores = [None] * len(browser.session.sides)
         browser.voted.clear()
@@ -272,7 +277,7 @@ class CompareTab:
         """The chat's own trash button: forget this column's conversation only."""
         browser = self.browser(state)
         if browser.busy.locked():
-            raise gr.Error("Still answering: press Stop first.")
+            raise user_error("Still answering: press Stop first.")
         if i < len(browser.session.sides):
             side = browser.session.sides[i]
             side.history, side.last, side.error = [], None, None
@@ -282,7 +287,7 @@ class CompareTab:
     def on_pick(self, i: int, state, pick):
         """A column switched checkpoints: its conversation starts afresh (the model loads at Send)."""
         browser = self.browser(state)
-        if browser.busy.locked():  # the next Send picks the new checkpoint up
+        if browser.busy.locked() or browser.hidden:  # the next Send picks it up; while blind, the draw holds
             return {self.state: browser}
         path = set_pick(self.cfg, browser, i, pick)
         note = browser.notes[i]
@@ -302,7 +307,7 @@ class CompareTab:
         try:
             prompts = self.heldout_prompts(name)
         except StepwiseError as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(err) from None
         browser = self.browser(state)
         p = random.Random().choice(prompts)
         browser.heldout = p
@@ -312,37 +317,52 @@ class CompareTab:
 
     def on_vote(self, outcome: str, state, a_name, b_name):
         if not isinstance(state, Browser):
-            raise gr.Error("Send a prompt first, then vote on the answers.")
+            raise user_error("Send a prompt first, then vote on the answers.")
         sides = state.session.sides
         try:
             a, b = SIDE_NAMES.index(a_name), SIDE_NAMES.index(b_name)
         except ValueError:
-            raise gr.Error("Pick two columns to vote between.") from None
+            raise user_error("Pick two columns to vote between.") from None
         if a == b:
-            raise gr.Error("Pick two different columns.")
+            raise user_error("Pick two different columns.")
         if max(a, b) >= len(sides):
-            raise gr.Error(f"Column {SIDE_NAMES[max(a, b)]} has no answer yet.")
+            raise user_error(f"Column {SIDE_NAMES[max(a, b)]} has no answer yet.")
         sa, sb = sides[a], sides[b]
         answered = [len(s.history) >= 2 and s.history[-1]["role"] == "assistant" for s in (sa, sb)]
         if not all(answered) or sa.history[-2]["content"] != sb.history[-2]["content"]:
-            raise gr.Error(f"Columns {a_name} and {b_name} need answers to the same prompt first.")
+            raise user_error(f"Columns {a_name} and {b_name} need answers to the same prompt first.")
         if sa.path == sb.path:
-            raise gr.Error(f"Columns {a_name} and {b_name} show the same checkpoint.")
+            raise user_error(f"Columns {a_name} and {b_name} show the same checkpoint.")
         key = (state.turn, a, b)
         if key in state.voted or (state.turn, b, a) in state.voted:
-            raise gr.Error("Already voted on these two answers.")
+            raise user_error("Already voted on these two answers.")
         prompt = sa.history[-2]["content"]
         held = state.heldout.key if state.heldout is not None and state.heldout.prompt == prompt else None
         try:
             vote = Vote(rel(self.cfg.root, Path(sa.path)), rel(self.cfg.root, Path(sb.path)), outcome, prompt=prompt,
                         answers=[sa.history[-1]["content"], sb.history[-1]["content"]], key=held,
-                        settings=dataclasses.asdict(state.session.settings))
+                        settings=dataclasses.asdict(state.session.settings),
+                        histories=[sa.history[:-1], sb.history[:-1]], blind=state.hidden)
         except StepwiseError as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(err) from None
         self.votes.append(vote)
         state.voted.add(key)
-        return {self.state: state, self.ratings: ratings_table(self.votes.read()),
-                self.vote_status: f"Recorded: {OUTCOME_LABELS[outcome]} ({a_name} = {vote.a}, {b_name} = {vote.b})."}
+        out = {self.state: state, **self.ratings_value(),
+               self.vote_status: f"Recorded{' blind' if vote.blind else ''}: {OUTCOME_LABELS[outcome]} "
+                                 f"({a_name} = {vote.a}, {b_name} = {vote.b})."}
+        if vote.blind:  # the vote is in: show every column's checkpoint
+            out.update(self.blind.reveal(state))
+        return out
+
+    def restart(self, browser: Browser, values: list) -> dict:
+        """Put the columns on `values` with every conversation, score and vote afresh (a blind draw)."""
+        sync_sides(self.cfg, browser, values)
+        browser.session.reset()
+        browser.scores, browser.voted = [None] * len(values), set()
+        out = self.render(browser)
+        for i in range(MAX_SIDES):
+            out.update({self.chats[i]: [], self.stats[i]: "", self.scores[i]: ""})
+        return out
 
     def heldout_prompts(self, name) -> list[HeldoutPrompt]:
         """A prompt file's prompts, read again only when the file changed."""
@@ -353,8 +373,10 @@ class CompareTab:
             cached = self._prompt_files[path.name] = (mtime, load_prompts(path))
         return cached[1]
 
-    def ratings_value(self):
-        return ratings_table(self.votes.read())
+    def ratings_value(self) -> dict:
+        """Both rating tables, open votes and blind ones."""
+        open_votes, blind_votes = ratings_tables(self.votes.read())
+        return {self.ratings: open_votes, self.ratings_blind: blind_votes}
 
     # --- wiring --------------------------------------------------------------------------------
 
@@ -389,4 +411,6 @@ class CompareTab:
                         api_name="heldout_prompt")
         for outcome, button in self.vote_buttons.items():
             button.click(functools.partial(self.on_vote, outcome), [self.state, self.vote_a, self.vote_b],
-                         [self.state, self.ratings, self.vote_status], api_name=f"vote_{outcome}")
+                         [self.state, self.ratings, self.ratings_blind, self.vote_status, self.blind.status,
+                          *self.pickers], api_name=f"vote_{outcome}")
+        self.blind.wire(column_outputs)

@@ -12,10 +12,13 @@ import pandas as pd
 from app.catalog import round_value
 from app.web_common import (
     WebConfig,
+    client_error,
     prompt_file_choices,
+    public,
     rel,
     resolve_checkpoint,
     resolve_prompt_file,
+    user_error,
 )
 from trainer.core.errors import StepwiseError
 from trainer.evals.heldout import heldout_samples
@@ -37,12 +40,12 @@ def _mark(row: dict) -> str:
 
 def run_eval(cfg: WebConfig, cache, picks, prompt_file, n_prompts, max_new_tokens, progress):
     if not picks:
-        raise gr.Error("Choose at least one checkpoint.")
+        raise user_error("Choose at least one checkpoint.")
     try:
         paths = [resolve_checkpoint(cfg.root, p) for p in picks]
         prompts = load_prompts(resolve_prompt_file(cfg, prompt_file))
     except StepwiseError as err:
-        raise gr.Error(str(err)) from None
+        raise client_error(cfg.root, err) from None
     prompts = prompts[: max(1, min(int(n_prompts or 1), MAX_EVAL_PROMPTS))]
     settings = GenerationSettings(max_new_tokens=max(1, min(int(max_new_tokens or 1), cfg.max_new_tokens)))
     total = len(paths) * len(prompts)
@@ -54,9 +57,10 @@ def run_eval(cfg: WebConfig, cache, picks, prompt_file, n_prompts, max_new_token
         try:
             loaded = cache.get(path)
         except StepwiseError as err:
-            summary.append([name, 0, *([None] * len(SUMMARY_KEYS)), f"error: {err}"])
+            shown = public(cfg.root, err)
+            summary.append([name, 0, *([None] * len(SUMMARY_KEYS)), f"error: {shown}"])
             for row in answers.values():
-                row.append(f"error: {err}")
+                row.append(f"error: {shown}")
             done += len(prompts)
             continue
         base = done

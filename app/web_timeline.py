@@ -1,35 +1,29 @@
 """Timeline tab: one held-out prompt's answer at every checkpoint of a run, in step order, with its
-scores, read from the samples.jsonl the trainer stored with each checkpoint (no model is loaded)."""
+scores and the prompt's reference answer, read from the samples.jsonl the trainer stored with each
+checkpoint (no model is loaded). Samples written before rows carried `reference` show without it."""
 
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
-from app.web_common import WebConfig, esc, refresh_runs, resolve_run, scores_html
-from trainer.core.catalog import read_run
+from app.web_common import WebConfig, esc, readable_file, refresh_runs, resolve_run, run_info, scores_html
 from trainer.core.errors import StepwiseError
+from trainer.core.files import read_jsonl_lenient
 
 SAMPLES_FILE = "samples.jsonl"
 
 
 def read_samples(folder: Path) -> list[dict]:
+    """A checkpoint's stored samples; a torn or bad line is skipped, and a samples.jsonl that links
+    outside the run's root is not read."""
     path = folder / SAMPLES_FILE
-    if not path.is_file():
+    if not readable_file(folder.parent.parent.resolve(), path):
         return []
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    return read_jsonl_lenient(path)[0]
 
 
 def _key(row: dict, i: int) -> str:
@@ -39,7 +33,7 @@ def _key(row: dict, i: int) -> str:
 def prompt_choices(run_dir: Path) -> list[tuple[str, str]]:
     """(label, key) of every held-out prompt any step of the run has a sample for, in file order."""
     seen: dict[str, str] = {}
-    for c in read_run(run_dir).checkpoints:
+    for c in run_info(run_dir).checkpoints:
         if c.is_final:
             continue
         for i, row in enumerate(read_samples(c.path)):
@@ -51,8 +45,8 @@ def prompt_choices(run_dir: Path) -> list[tuple[str, str]]:
 
 
 def timeline_html(run_dir: Path, key: str) -> str:
-    steps = [c for c in read_run(run_dir).checkpoints if not c.is_final]
-    cards, prompt = [], None
+    steps = [c for c in run_info(run_dir).checkpoints if not c.is_final]
+    cards, prompt, reference = [], None, None
     for c in steps:
         rows = read_samples(c.path)
         row = next((r for i, r in enumerate(rows) if _key(r, i) == key), None)
@@ -61,6 +55,7 @@ def timeline_html(run_dir: Path, key: str) -> str:
             cards.append(f"<div class='sw-step'><b>{head}</b><div><i>no sample for this prompt</i></div></div>")
             continue
         prompt = prompt or row.get("prompt")
+        reference = reference or row.get("reference")
         stats = []
         if row.get("new_tokens") is not None:
             stats.append(f"{row['new_tokens']} tokens")
@@ -73,6 +68,8 @@ def timeline_html(run_dir: Path, key: str) -> str:
     if not steps:
         return "<i>This run has no step checkpoints yet.</i>"
     top = f"<p><b>Prompt {esc(key)}</b></p><div class='sw-ref'>{esc(prompt or '')}</div>" if prompt else ""
+    if reference:
+        top += f"<p><b>Reference answer</b></p><div class='sw-ref sw-reference'>{esc(reference)}</div>"
     return f"<div class='sw-timeline'>{top}{''.join(cards)}</div>"
 
 

@@ -12,8 +12,7 @@ import gradio as gr
 from rich.console import Console
 
 from app.catalog import round_value
-from app.web_common import WebConfig, esc, fmt, refresh_runs, resolve_run
-from trainer.core.catalog import read_run
+from app.web_common import WebConfig, esc, fmt, public, readable_file, refresh_runs, resolve_run, run_info
 from trainer.core.errors import StepwiseError, first_line
 from trainer.evals.scoring import SUMMARY_METRICS
 from trainer.training.metrics import classify_trend
@@ -115,6 +114,8 @@ def plan_text(run_dir: Path, metrics: dict) -> str:
     config_path = run_dir / "config.yaml"
     data = metrics.get("data") or {}
     try:
+        if not readable_file(run_dir.parent.resolve(), config_path):
+            raise StepwiseError(f"{config_path.name}: not found under the root")
         cfg = load_saved(config_path)
         if data.get("train_examples") is not None:
             plan = planner.count(cfg, int(data["train_examples"]), int(data.get("val_examples") or 0))
@@ -129,9 +130,11 @@ def plan_text(run_dir: Path, metrics: dict) -> str:
             planner.render(plan, console)
             return console.export_text()
     except Exception as err:  # a planner failure must not take the tab down; fall through to the raw facts
-        data = {**data, "planner_error": f"{type(err).__name__}: {first_line(err)}"}
+        data = {**data, "planner_error": public(run_dir.parent.resolve(), f"{type(err).__name__}: {first_line(err)}")}
     counts = "\n".join(f"{k}: {v}" for k, v in data.items())
-    config = config_path.read_text() if config_path.is_file() else "(no config.yaml)"
+    # Shown raw, so only a config.yaml that stays under the root (not a symlink to elsewhere).
+    shown = readable_file(run_dir.parent.resolve(), config_path)
+    config = config_path.read_text(errors="replace") if shown else "(no config.yaml)"
     return f"# counts from training_metrics.json (planner table not available)\n{counts}\n\n# config.yaml\n{config}"
 
 
@@ -156,7 +159,7 @@ def build_training_tab(cfg: WebConfig) -> TrainingTab:
             run_dir = resolve_run(cfg.root, name)
         except StepwiseError as err:
             return None, f"*{esc(err)}*", [], ""
-        info = read_run(run_dir)
+        info = run_info(run_dir, cfg.root)
         steps = [c.step for c in info.checkpoints if not c.is_final and c.step is not None]
         best = (info.metrics.get("best") or {}).get("step")
         by_step = {h["step"]: h for h in info.metrics.get("history", [])}

@@ -1,5 +1,6 @@
-"""The web app (app/web*.py): the path guard, the catalogue, the Timeline/Training/Eval pieces, and the
-real server in a subprocess driven through gradio_client (API, path escapes, 20 concurrent requests)."""
+"""The web app (app/web*.py): the path guard, the catalogue, the Timeline/Training/Eval pieces, blind
+mode, and the real server in a subprocess driven through gradio_client (API, path escapes, symlinks out
+of the root, blind votes and the preference export, 20 concurrent requests)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +20,7 @@ from app.web_common import (
     checkpoint_choices,
     default_picks,
     inside_root,
+    public,
     resolve_checkpoint,
     resolve_run,
     scores_html,
@@ -27,9 +31,13 @@ from trainer.core.errors import StepwiseError
 
 @pytest.fixture(scope="module")
 def demo_root(web_root, tmp_path_factory):
-    """A copy of conftest's web_root (demo/, broken/, prompts.jsonl) with a checkpoint outside it."""
+    """A copy of conftest's web_root (demo/, broken/, prompts.jsonl) with a checkpoint outside it, and
+    two links to it inside: a step folder demo/step-000040 and a run escape/. Every test below sees the
+    rest of the root work around them."""
     root = copy_root(web_root, tmp_path_factory.mktemp("web") / "checkpoints")
     shutil.copytree(root / "demo" / "step-000010", root.parent / "outside" / "step-000010")
+    (root / "demo" / "step-000040").symlink_to(root.parent / "outside" / "step-000010", target_is_directory=True)
+    (root / "escape").symlink_to(root.parent / "outside", target_is_directory=True)
     return root
 
 
@@ -90,6 +98,7 @@ def test_catalogue_lists_every_checkpoint_grouped_with_best(demo_root):
 
 
 def test_timeline_training_and_scores_render(demo_root):
+    from app.web_common import run_info
     from app.web_timeline import prompt_choices, timeline_html
     from app.web_training import (
         checkpoint_rows,
@@ -97,14 +106,14 @@ def test_timeline_training_and_scores_render(demo_root):
         plan_text,
         status_markdown,
     )
-    from trainer.core.catalog import read_run
 
     run_dir = demo_root / "demo"
     assert [k for _, k in prompt_choices(run_dir)] == ["lower", "words"]
     page = timeline_html(run_dir, "words")
     assert page.index("answer words at step 10") < page.index("at step 20") < page.index("at step 30")
     assert "length_constraints:number_words" in page and "best" in page
-    info = read_run(run_dir)
+    assert page.index("Reference answer") < page.index("red green blue") < page.index("answer words at step 10")
+    info = run_info(run_dir)  # as the tab reads it: the link demo/step-000040 left out
     rows = checkpoint_rows(info)
     assert [r[0] for r in rows] == ["demo · step 10 · val 3.000", "demo · step 20 · val 2.500 · best",
                                     "demo · step 30 · val 2.700", "demo · final (step 20) · val 2.500"]
@@ -116,6 +125,52 @@ def test_timeline_training_and_scores_render(demo_root):
     html = scores_html({"instruction_id_list": ["a", "b"], "strict": [True, False], "loose": [True, True],
                         "rougeL": 0.25, "length": 4})
     assert "a</code>: pass" in html and "b</code>: loose pass" in html and "rougeL 0.250" in html
+
+
+def test_links_outside_the_root_are_left_out_and_never_shown(demo_root, capsys):
+    """A step folder or a run that is a symlink to outside the root: left out of every list (the rest
+    lists), refused when a client names it, quoted as sent and never by where it leads, one log line."""
+    from app.web_common import run_info, runs
+    from app.web_timeline import timeline_html
+    from app.web_training import checkpoint_rows
+
+    root = demo_root.resolve()
+    values = [v for _, v in checkpoint_choices(root)]
+    assert "demo/step-000030" in values and "demo/step-000040" not in values
+    assert not any(v.startswith("escape/") or "outside" in v for v in values)
+    capsys.readouterr()
+    assert [r.name for r in runs(root, log=True)] and sorted(capsys.readouterr().err.splitlines()) == [
+        "stepwise web: skipped demo/step-000040: it links outside the root",
+        "stepwise web: skipped run escape: it links outside the root"]
+    runs(root)  # a page load or Refresh lists again without repeating the log
+    assert capsys.readouterr().err == ""
+    for value, what in (("demo/step-000040", "checkpoint"), ("escape/step-000010", "checkpoint"), ("escape", "run")):
+        with pytest.raises(StepwiseError) as err:
+            (resolve_run if what == "run" else resolve_checkpoint)(root, value)
+        assert str(err.value) == f"{value!r}: not a {what} under the root (use a name from the list)"
+        assert capsys.readouterr().err == f"stepwise web: refused {what} {value!r} from a client: not under the root\n"
+    info = run_info(root / "demo")
+    assert [c.step for c in info.checkpoints] == [10, 20, 30, 20]  # the steps, then final/
+    assert "step 40" not in timeline_html(root / "demo", "words")
+    assert not any("step 40" in row[0] for row in checkpoint_rows(info))
+    # What a client is shown never carries the server's root path.
+    assert public(root, f"{root}/broken/step-000010/model.safetensors: damaged") == \
+        "broken/step-000010/model.safetensors: damaged"
+    assert public(root, f"--root {root}: no such folder") == "--root the root: no such folder"
+
+
+def test_timeline_shows_old_samples_without_a_reference_and_skips_torn_lines(web_root, tmp_path):
+    from app.web_timeline import prompt_choices, timeline_html
+
+    root = copy_root(web_root, tmp_path / "checkpoints")
+    for step in (10, 20, 30):  # samples written before rows carried the reference
+        samples = root / "demo" / f"step-{step:06d}" / "samples.jsonl"
+        rows = [json.loads(line) for line in samples.read_text().splitlines()]
+        assert all(r.pop("reference") for r in rows)
+        samples.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"key": "torn", "resp\n')
+    assert [k for _, k in prompt_choices(root / "demo")] == ["lower", "words"]
+    page = timeline_html(root / "demo", "words")
+    assert page.count("data-step=") == 3 and "answer words at step 30" in page and "Reference answer" not in page
 
 
 def test_web_config_defaults_to_repo_prompt_files(tmp_path):
@@ -220,6 +275,92 @@ def test_run_pickers_never_read_outside_the_root(client, demo_root, value):
         client.predict(["demo/step-000010"], "../prompts.jsonl", 1, 1, api_name="/eval")
 
 
+def test_links_outside_the_root_through_the_server(server, client, demo_root):
+    """The page loads with every other checkpoint in its pickers; naming a link is refused in one log
+    line and no traceback; no answer, page or config names the link's target or the root's path."""
+    from gradio_client.exceptions import AppError
+
+    from app.web_blind import PICKED
+
+    root = demo_root.resolve()
+    secrets = (str(root.parent / "outside"), str(root))
+    log = Path(server.log.name)
+    assert log.read_text().count("stepwise web: skipped demo/step-000040: it links outside the root") == 1
+    start = len(log.read_text())
+    load = next(d["id"] for d in client.config["dependencies"] if ["load"] == [t[1] for t in d.get("targets", [])])
+    loaded = json.dumps(client.predict(None, None, None, None, None, None, PICKED, fn_index=load))
+    assert "demo/step-000010" in loaded and "demo/step-000030" in loaded and "broken/step-000010" in loaded
+    assert "step-000040" not in loaded and "escape" not in loaded
+    page = urllib.request.urlopen(server.url).read().decode() + urllib.request.urlopen(server.url + "config").read().decode()
+    with pytest.raises(AppError) as err:
+        client.predict(prompt="hi", checkpoints=["demo/step-000040"], api_name="/compare")
+    assert "'demo/step-000040': not a checkpoint under the root" in str(err.value)
+    sent = json.dumps(client.predict("hi", 2, "demo/step-000040", "demo/step-000010", None, None, 0.0, 1.0, 4, 0,
+                                     api_name="/send"))
+    assert "'demo/step-000040': not a checkpoint under the root" in sent
+    broken = client.predict(prompt="hi", checkpoints=["broken/step-000010"], api_name="/compare")[0]["error"]
+    assert broken and "broken/step-000010" in broken
+    _, timeline = client.predict("escape", api_name="/timeline_run")
+    assert "not a run under the root" in timeline
+    for shown in (loaded, page, str(err.value), sent, broken, timeline):
+        assert not any(secret in shown for secret in secrets)
+    new = log.read_text()[start:]
+    assert "Traceback" not in new
+    assert [line for line in new.splitlines() if "refused" in line] == [
+        "stepwise web: refused checkpoint 'demo/step-000040' from a client: not under the root"] * 2 + [
+        "stepwise web: refused run 'escape' from a client: not under the root"]
+
+
+def test_blind_votes_and_the_preference_export_through_the_server(server, demo_root):
+    """Two open votes (the second on a second turn), then a blind round drawn from the run: nothing the
+    browser gets names a column's checkpoint until the vote, which is recorded blind and rated apart;
+    the export button's file holds the three decisive votes, the two-turn one as a conversation."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from app.votes import VoteStore
+
+    root = demo_root.resolve()
+    client = Client(server.url, verbose=False)  # a session of its own: the blind round lives in its state
+    with pytest.raises(AppError, match="votes.jsonl: no votes file") as err:
+        client.predict(api_name="/export_preferences")
+    assert str(root) not in str(err.value)
+    picks, settings = ["demo/step-000010", "demo/step-000030", None, None], [0.0, 1.0, 4, 0]
+    client.predict("Name a colour.", 2, *picks, *settings, api_name="/send")
+    client.predict("A", "B", api_name="/vote_b")
+    client.predict("And another?", 2, *picks, *settings, api_name="/send")
+    client.predict("A", "B", api_name="/vote_a")
+
+    hidden = json.dumps(client.predict(True, "demo", 2, *picks, api_name="/blind"))
+    assert "2 checkpoints drawn from run `demo`, shown only as A, B" in hidden
+    # The pickers sent while blind are ignored: the hidden draw answers.
+    hidden += json.dumps(client.predict("Name a colour.", 2, *picks, *settings, api_name="/send"))
+    assert "tokens/s" in hidden
+    assert "step-0000" not in hidden and "· step" not in hidden and "demo/" not in hidden
+    revealed = client.predict("A", "B", api_name="/vote_a")
+    votes = VoteStore(root).read()
+    assert [v.blind for v in votes] == [False, False, True]
+    blind = votes[-1]
+    assert {blind.a, blind.b} < {"demo/step-000010", "demo/step-000020", "demo/step-000030"} and blind.a != blind.b
+    open_table, blind_table, status, reveal, *pickers = revealed
+    assert status == f"Recorded blind: A better (A = {blind.a}, B = {blind.b})."
+    assert reveal == f"**Revealed:** A was `{blind.a}`, B was `{blind.b}`."
+    assert [p["value"] for p in pickers[:2]] == [blind.a, blind.b] and all(p["visible"] for p in pickers)
+    assert {r[0]: r[2] for r in open_table["data"]} == {"demo/step-000010": 2, "demo/step-000030": 2}
+    assert {r[0]: r[2] for r in blind_table["data"]} == {blind.a: 1, blind.b: 1}
+    assert [len(h) for h in votes[1].histories] == [3, 3]  # the second turn's vote holds both conversations
+
+    path, status = client.predict(api_name="/export_preferences")
+    assert status == "3 preference pairs, conversational; none left out."
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    assert [(r["chosen_checkpoint"], r["rejected_checkpoint"]) for r in rows] == [
+        ("demo/step-000030", "demo/step-000010"), ("demo/step-000010", "demo/step-000030"), (blind.a, blind.b)]
+    assert all(r["prompt"][0] == {"role": "user", "content": "Name a colour."} for r in rows)
+    assert [m["role"] for m in rows[1]["prompt"] + rows[1]["chosen"]][-2:] == ["user", "assistant"]
+    assert rows[1]["chosen"][-1]["content"] == votes[1].answers[0]
+    assert not (root / "preferences.jsonl").exists()  # the download is written outside the root
+
+
 def test_prompt_length_is_capped(client):
     from gradio_client.exceptions import AppError
 
@@ -311,7 +452,11 @@ def test_compare_handlers_turns_regenerate_stop_votes_clear(demo_root, tmp_path)
     tab.on_vote("b", browser, "A", "B")
     with pytest.raises(gr.Error, match="Already voted"):
         tab.on_vote("a", browser, "B", "A")
-    assert [v.outcome for v in VoteStore(tmp_path).read()] == ["b"]
+    (vote,) = VoteStore(tmp_path).read()
+    assert vote.outcome == "b" and not vote.blind
+    # Each column's conversation before its answer, so a multi-turn vote exports as a conversation.
+    assert [[m["content"] for m in h] for h in vote.histories] == [
+        ["hello", s.history[1]["content"], "and again"] for s in browser.session.sides]
 
     # Stop ends both columns' answers early; the partial answers stay in the history.
     updates = tab.on_send({**data, tab.prompt: "a long one", tab.max_new: 300})
@@ -336,6 +481,85 @@ def test_compare_handlers_turns_regenerate_stop_votes_clear(demo_root, tmp_path)
     assert all(s.history == [] for s in browser.session.sides) and cleared[tab.chats[0]] == []
     with pytest.raises(gr.Error, match="prompt"):
         list(tab.on_send({**data, tab.prompt: "   "}))
+
+
+def test_blind_mode_handlers_hide_draw_again_and_reveal(demo_root, tmp_path):
+    import gradio as gr
+
+    from app.session import ModelCache
+    from app.votes import VoteStore
+    from app.web_blind import PICKED
+    from app.web_compare import CompareTab
+
+    cfg = WebConfig(root=demo_root, prompt_files=[demo_root / "prompts.jsonl"], max_new_tokens=300)
+    with gr.Blocks():
+        tab = CompareTab(cfg, ModelCache(1 << 30), VoteStore(tmp_path))
+    b = tab.blind
+    data = {tab.state: None, tab.prompt: "hello", tab.n_sides: 2, tab.pickers[0]: "demo/step-000010",
+            tab.pickers[1]: "demo/step-000030", tab.pickers[2]: None, tab.pickers[3]: None, tab.temperature: 0.0,
+            tab.top_p: 1.0, tab.max_new: 4, tab.seed: 0}
+
+    def blind(on: bool, source, again: bool = False) -> dict:
+        out = b.on_input({**data, b.switch: on, b.source: source}, again)
+        data[tab.state] = out[tab.state]
+        return out
+
+    def send() -> dict:
+        *_, last = tab.on_send(data)
+        return last
+
+    # A draw that cannot be made turns the switch back off and says why.
+    data[tab.n_sides] = 4
+    out = blind(True, "demo")  # steps 10, 20, 30 (final/ is step 20 again)
+    assert out[b.switch] is False and "3 checkpoint(s) to draw from, fewer than the 4 columns" in out[b.status]
+    data.update({tab.n_sides: 2, tab.pickers[1]: "demo/step-000010"})
+    out = blind(True, PICKED)
+    assert out[b.switch] is False and "pick 2 different checkpoints" in out[b.status]
+    data[tab.pickers[1]] = "demo/step-000030"
+
+    # The columns' own picks, shuffled: the pickers are emptied and hidden, the column count fixed.
+    out = blind(True, PICKED)
+    browser = data[tab.state]
+    drawn = browser.blind.drawn
+    assert sorted(drawn) == ["demo/step-000010", "demo/step-000030"] and browser.hidden
+    assert all(out[p].value is None and out[p].visible is False for p in tab.pickers)
+    assert out[tab.n_sides].interactive is False and out[b.again].visible is True
+    # While blind, a picker a client changes is ignored, and Send answers with the drawn checkpoints.
+    assert tab.on_pick(0, browser, "demo/step-000020") == {tab.state: browser}
+    data.update({tab.pickers[0]: "demo/final", tab.pickers[1]: "demo/final"})
+    send()
+    assert [rel_path(s.path) for s in browser.session.sides] == drawn
+    revealed = tab.on_vote("b", browser, "A", "B")
+    (vote,) = VoteStore(tmp_path).read()
+    assert vote.blind and [vote.a, vote.b] == drawn and not browser.hidden
+    assert [revealed[p].value for p in tab.pickers[:2]] == drawn and revealed[b.status].startswith("**Revealed:**")
+    data.update({p: revealed[p].value for p in tab.pickers})  # as the browser now shows them
+    send()  # the names are known now: the next vote is an open one
+    tab.on_vote("a", browser, "A", "B")
+    assert [v.blind for v in VoteStore(tmp_path).read()] == [True, False]
+
+    # Draw again from the same (now hidden) picks: a fresh round, conversations cleared.
+    out = blind(True, PICKED, again=True)
+    assert browser.hidden and all(s.history == [] for s in browser.session.sides) and out[tab.chats[0]] == []
+    # A column that cannot load says so without naming its checkpoint while blind.
+    data.update({tab.pickers[0]: "broken/step-000010", tab.pickers[1]: "demo/step-000010"})
+    blind(False, PICKED)
+    blind(True, PICKED)
+    last = send()
+    shown = [last[tab.stats[i]] for i in range(2)]
+    assert sum("hidden checkpoint could not answer" in t for t in shown) == 1 and not any("broken" in t for t in shown)
+    # Turning Blind off shows the checkpoints again, in the pickers and the status line.
+    drawn = browser.blind.drawn
+    out = blind(False, PICKED)
+    assert browser.blind is None and [out[p].value for p in tab.pickers[:2]] == drawn
+    assert out[b.status] == f"**Blind off:** A was `{drawn[0]}`, B was `{drawn[1]}`."
+    assert out[tab.n_sides].interactive is True and out[b.again].visible is False
+    shown = tab.render(browser)
+    assert any("broken/step-000010" in shown[tab.stats[i]] for i in range(2))  # the error, now it may be seen
+
+
+def rel_path(path: str) -> str:
+    return Path(path).relative_to(Path(path).parents[1]).as_posix()
 
 
 # --- the real trainer's run (conftest's tiny_run): the layout contract, read the way the tabs read it -----

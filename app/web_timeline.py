@@ -10,7 +10,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.web_common import WebConfig, esc, readable_file, refresh_runs, resolve_run, run_info, scores_html
+from app.web_common import (
+    WebConfig,
+    esc,
+    readable_file,
+    refresh_runs,
+    resolve_run,
+    run_info,
+    scores_html,
+)
 from trainer.core.errors import StepwiseError
 from trainer.core.files import read_jsonl_lenient
 

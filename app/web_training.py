@@ -12,7 +12,16 @@ import gradio as gr
 from rich.console import Console
 
 from app.catalog import round_value
-from app.web_common import WebConfig, esc, fmt, public, readable_file, refresh_runs, resolve_run, run_info
+from app.web_common import (
+    WebConfig,
+    esc,
+    fmt,
+    public,
+    readable_file,
+    refresh_runs,
+    resolve_run,
+    run_info,
+)
 from trainer.core.errors import StepwiseError, first_line
 from trainer.evals.scoring import SUMMARY_METRICS
 from trainer.training.metrics import classify_trend

@@ -233,7 +233,11 @@ def test_trl_reads_the_export_and_dpo_trains_on_it(tmp_path, trained_checkpoint,
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
-    from trl.data_utils import is_conversational, maybe_apply_chat_template, maybe_extract_prompt
+    from trl.data_utils import (
+        is_conversational,
+        maybe_apply_chat_template,
+        maybe_extract_prompt,
+    )
 
     multi_turn_votes(tmp_path)
     standard, conversational = tmp_path / "standard.jsonl", tmp_path / "conversational.jsonl"

@@ -584,6 +584,7 @@ def test_real_trainer_run_lists_and_renders(tiny_run):
     assert keys, "the trainer stored no held-out samples"
     page = timeline_html(tiny_run, keys[0])
     assert page.count("data-step=") == 3 and "tokens" in page
+    assert "Reference answer" in page  # the trainer's samples.jsonl stores each prompt's reference
     info = read_run(tiny_run)
     rows = checkpoint_rows(info)
     assert [r[1] for r in rows[:3]] == [10, 20, 30] and all(isinstance(r[3], float) for r in rows)

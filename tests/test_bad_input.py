@@ -22,7 +22,8 @@ import pytest
 
 from trainer.core.errors import StepwiseError
 from trainer.inference.generate import GenerationSettings
-from trainer.inference.loading import hub_unreachable, load_model
+from trainer.inference.hub import hub_unreachable
+from trainer.inference.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Fails before training starts, whatever the case; if it did not, two steps of a tiny run are seconds.

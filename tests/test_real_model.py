@@ -18,7 +18,8 @@ from unittest import mock
 import pytest
 
 from tests.support import SHARED, run_trainer
-from trainer.inference.loading import gguf_folder, load_model, smollm2_gguf
+from trainer.inference.gguf import gguf_folder, smollm2_gguf
+from trainer.inference.loading import load_model
 
 GGUF = smollm2_gguf()
 ALPACA = SHARED / "alpaca" / "alpaca_en_demo.json"

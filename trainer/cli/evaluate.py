@@ -25,8 +25,8 @@ from pathlib import Path
 
 from trainer.cli.args import ArgumentParser
 from trainer.core.catalog import (
-    STEP_RE,
     CheckpointInfo,
+    checkpoint_info,
     is_checkpoint,
     newest_run,
     read_run,
@@ -34,14 +34,14 @@ from trainer.core.catalog import (
 )
 from trainer.core.errors import StepwiseError
 from trainer.core.files import file_sha256, read_json, write_json_atomic
+from trainer.core.resources import user_or_packaged
 from trainer.evals.heldout import heldout_samples
 from trainer.evals.report import plot_run, results_table
 from trainer.inference.generate import GenerationSettings
+from trainer.inference.gguf import gguf_folder, is_gguf
 from trainer.inference.loading import (
     check_device,
     check_model_folder,
-    gguf_folder,
-    is_gguf,
     is_hub_id,
     load_model,
 )
@@ -94,9 +94,7 @@ def expand(specs: list[str], root: str | Path) -> list[Target]:
         p = Path(spec)
         if is_checkpoint(p) or (p / "config.json").is_file():
             check_model_folder(p)
-            info = None
-            if STEP_RE.match(p.name) or p.name == "final":
-                info = next((c for c in read_run(p.parent).checkpoints if c.path.resolve() == p.resolve()), None)
+            info = checkpoint_info(p)
             out_dir = p.parent / "eval" if info is not None else Path(root) / "eval"
             targets.append(Target(str(p), p.name, info, out_dir))
         elif p.is_dir() and read_run(p).checkpoints:
@@ -217,7 +215,7 @@ def main(argv: list[str]) -> int:
     device = check_device(args.device)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    prompts_path = Path(args.prompts)
+    prompts_path = user_or_packaged(args.prompts)  # the default is found from any folder
     prompts = load_prompts(prompts_path)[: args.limit]
     prompts_sha = file_sha256(prompts_path)
     targets = expand(args.checkpoints, args.root)

@@ -248,7 +248,9 @@ def _install() -> Mapping[str, type]:
     try:
         from if_verifiable.ifbench import instructions as ifbench_instructions
         from if_verifiable.ifbench import instructions_util as ifbench_util
-        from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT as IFBENCH
+        from if_verifiable.ifbench.instructions_registry import (
+            INSTRUCTION_DICT as IFBENCH,
+        )
     finally:
         nltk.download = download
     ifbench_util._get_sentence_tokenizer = _sentence_tokenizer

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from trainer.core.catalog import STATE_FILE, list_steps, step_dir_name
 from trainer.core.errors import StepwiseError, first_line
 from trainer.core.files import read_json, write_json_atomic, write_text_atomic
-from trainer.inference.loading import quiet_hub
+from trainer.inference.hub import quiet_hub
 
 # --- writing -------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from trainer.core.chat import prompt_text
 from trainer.core.errors import StepwiseError, first_line
-from trainer.inference.loading import held_logs, hub_unreachable, offline_error
+from trainer.inference.hub import held_logs, hub_unreachable, offline_error
 
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 NOT_UTF8 = "not UTF-8 text"

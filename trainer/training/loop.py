@@ -30,7 +30,13 @@ from trainer.evals.heldout import heldout_samples
 from trainer.inference.generate import GenerationSettings
 from trainer.training import checkpoint as ckpt
 from trainer.training.batching import collate, micro_batches
-from trainer.training.metrics import MetricsLog, classify_trend, improves, metrics_path, recommend
+from trainer.training.metrics import (
+    MetricsLog,
+    classify_trend,
+    improves,
+    metrics_path,
+    recommend,
+)
 from trainer.training.setup import Run, setup
 
 NON_FINITE = "non-finite"
@@ -44,7 +50,11 @@ class Window:
     loss_sum: float = 0.0
     steps: int = 0
     tokens: int = 0
+    """Supervised tokens (the answers' labels) since the last log entry."""
     tokens_seen: int = 0
+    nonpad_tokens: int = 0
+    """Non-padding tokens (the attention mask's sum, prompts included) since the last log entry."""
+    nonpad_seen: int = 0
 
 
 @dataclass
@@ -312,21 +322,32 @@ def step_batches(run: Run, step: int, cache: dict) -> list[list[int]]:
     return cache[epoch_index][pos * g:(pos + 1) * g][run.rank * a:(run.rank + 1) * a]
 
 
+def step_nonpad_tokens(run: Run, step: int, cache: dict) -> int:
+    """Non-padding tokens of the step after `step` on all processes together: every process knows the
+    whole step's micro-batches (step_batches slices them), so this needs no sync."""
+    epoch_index, pos = divmod(step, run.steps_per_epoch)
+    g = run.micro_per_step
+    return sum(len(run.train[i]["input_ids"]) for b in cache[epoch_index][pos * g:(pos + 1) * g] for i in b)
+
+
 def log_step(run: Run, state: State, epoch: float, grad_norm: float, elapsed: float, started: float,
              first_step: int) -> None:
     w = state.window
     entry = state.log.record(state.step, epoch=round(epoch, 4),
                              train_loss=w.loss_sum / w.steps if w.steps else None,
                              lr=run.scheduler.get_last_lr()[0], grad_norm=grad_norm if math.isfinite(grad_norm) else None,
-                             tokens=w.tokens_seen, tokens_per_s=w.tokens / elapsed if elapsed > 0 else None)
+                             tokens=w.tokens_seen, nonpad_tokens=w.nonpad_seen,
+                             tokens_per_s=w.tokens / elapsed if elapsed > 0 else None)
     state.log.data["tokens_per_s"] = entry.get("tokens_per_s")
+    # Time-dependent, so kept out of the history (a resumed run's history equals an uninterrupted one's).
+    state.log.data["nonpad_tokens_per_s"] = nonpad_rate = w.nonpad_tokens / elapsed if elapsed > 0 else None
     # The planner's figure: wall time per step so far, evaluations and checkpoints included.
     state.log.data["seconds_per_step"] = (time.perf_counter() - started) / (state.step - first_step)
     if entry.get("train_loss") is not None:
-        run.reporter.log(entry)
+        run.reporter.log({**entry, "nonpad_tokens_per_s": nonpad_rate})
     if run.is_main:
         state.log.save()
-    state.window = Window(tokens_seen=w.tokens_seen)
+    state.window = Window(tokens_seen=w.tokens_seen, nonpad_seen=w.nonpad_seen)
 
 
 def fit(run: Run, state: State) -> None:
@@ -338,6 +359,7 @@ def fit(run: Run, state: State) -> None:
     run.reporter.start(run.total_steps, state.step)
     while state.step < run.total_steps:
         loss, grad_norm, n_tokens = train_step(run, step_batches(run, state.step, cache))
+        nonpad = step_nonpad_tokens(run, state.step, cache)
         state.step += 1
         step, epoch = state.step, state.step / run.steps_per_epoch
         if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -361,6 +383,8 @@ def fit(run: Run, state: State) -> None:
                 return
         state.window.tokens += n_tokens
         state.window.tokens_seen += n_tokens
+        state.window.nonpad_tokens += nonpad
+        state.window.nonpad_seen += nonpad
         run.reporter.advance(step, epoch, loss, run.scheduler.get_last_lr()[0])
         is_eval = step % cfg.eval.eval_freq == 0
         is_ckpt = step % cfg.checkpoint.checkpoint_freq == 0

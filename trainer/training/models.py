@@ -9,7 +9,9 @@ import torch
 
 from trainer.core.chat import ensure_chat_template, render
 from trainer.core.errors import StepwiseError
-from trainer.inference.loading import from_pretrained, gguf_folder, hub_access, is_gguf, load_causal_lm
+from trainer.inference.gguf import gguf_folder, is_gguf
+from trainer.inference.hub import hub_access
+from trainer.inference.loading import from_pretrained, load_causal_lm
 
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 

@@ -21,7 +21,13 @@ from trainer.core.errors import StepwiseError
 from trainer.evals.contamination import check_prompts_against_records, warn
 from trainer.evals.prompts import HeldoutPrompt, load_prompts
 from trainer.inference.loading import check_weights
-from trainer.training.batching import collate, micro_batches, padding_efficiency, steps_per_epoch, tokenize
+from trainer.training.batching import (
+    collate,
+    micro_batches,
+    padding_efficiency,
+    steps_per_epoch,
+    tokenize,
+)
 from trainer.training.checkpoint import clean_leftovers, weights_finite
 from trainer.training.data import load_train_val
 from trainer.training.models import (

@@ -42,7 +42,7 @@ def arg(default, help: str):
 
 @dataclass
 class ModelConfig:
-    pretrained_model: str = arg("demo", "`demo` (build the embedded tokenizer and tiny Llama), a Hugging Face folder, a hub id, or a Stepwise checkpoint.")
+    pretrained_model: str = arg("demo", "`demo` (build the embedded tokenizer and tiny Llama), a Hugging Face folder, a hub id, a Stepwise checkpoint, or a .gguf file (converted once).")
     dtype: str = arg("auto", "`auto` (bf16 autocast on CUDA, fp32 on CPU), `bf16` or `fp32`.")
     compile: bool = arg(False, "Wrap the model in torch.compile.")
 

@@ -160,7 +160,7 @@ def check_paths(cfg: Config) -> None:
         raise StepwiseError(f"--eval_prompts {cfg.eval.eval_prompts}: no such file")
     model = cfg.model.pretrained_model
     if model != "demo" and model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
-        raise StepwiseError(f"--pretrained_model {model}: no such folder")
+        raise StepwiseError(f"--pretrained_model {model}: no such {'file' if model.endswith('.gguf') else 'folder'}")
     if model != "demo" and Path(model).expanduser().is_dir() and not cfg.run.resume:
         check_weights(Path(model).expanduser(), f"--pretrained_model {model}")  # pickled or damaged weights
 

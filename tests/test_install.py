@@ -47,7 +47,7 @@ def test_plan_and_a_two_step_train_from_another_folder(installed, tmp_path):
     small = ["--demo_records", "200", "--context_length", "64", "--mini_batch_size", "4"]
     plan = run_installed(installed, tmp_path, "plan", *small, "--max_steps", "2")
     assert plan.returncode == 0, plan.stderr
-    assert "steps an epoch" in plan.stdout or "steps" in plan.stdout
+    assert "steps per epoch" in plan.stdout and "2 = 0.04 epochs" in plan.stdout, plan.stdout
     # The demo preset (configs/demo.yaml) and its held-out prompts (eval_prompts/) come from the install.
     train = run_installed(installed, tmp_path, "train", *small, "--max_steps", "2", "--eval_freq", "1",
                           "--checkpoint_freq", "2", "--eval_num_prompts", "2", "--eval_max_new_tokens", "4",

@@ -8,6 +8,7 @@ decides precedence: defaults (or the demo preset) < YAML < flags (trainer.core.c
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
@@ -31,20 +32,19 @@ def _none_or(kind):
 def config_parser(prog: str, description: str) -> ConfigParser:
     parser = ConfigParser(list(SECTIONS.values()), prog=prog, description=description)
     parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML run config (defaults < YAML < flags)")
+    fields = config_fields()
     for action in parser._actions:
         if action.dest == "help":
             continue
         action.default = argparse.SUPPRESS
-        field = config_fields().get(action.dest, (None, None))[1]
-        if field is not None and field.default is None and action.type not in (None,) and action.nargs != 0:
+        _, field = fields.get(action.dest, (None, None))
+        if field is not None and field.default is None and action.type is not None:
             action.type = _none_or(action.type)
     return parser
 
 
 def given(args: argparse.Namespace) -> tuple[dict, str]:
     """The values a user gave (YAML file, then flags) and the config's name; defaults not included."""
-    from pathlib import Path
-
     values: dict = {}
     config_name = "default"
     if getattr(args, "config", None):

@@ -27,7 +27,7 @@ def data_path(relative: str) -> Path:
 def user_or_packaged(path: str | Path) -> Path:
     """A path as given when it exists; a packaged default (eval_prompts/...) from anywhere otherwise."""
     p = Path(path)
-    if p.exists() or p.is_absolute() or p.parts[:1] not in [(d,) for d in PACKAGE_DATA]:
+    if p.exists() or p.is_absolute() or not p.parts or p.parts[0] not in PACKAGE_DATA:
         return p
     packaged = data_path(p.as_posix())
     return packaged if packaged.exists() else p

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +56,8 @@ def test_plan_and_a_two_step_train_from_another_folder(installed, tmp_path):
                           "--progress", "false", "--run_name", "installed")
     assert train.returncode == 0, train.stderr
     run = tmp_path / "checkpoints" / "installed"
-    assert (run / "step-000002" / "model.safetensors").is_file()
+    weights = load_file(run / "step-000002" / "model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
     assert (run / "step-000002" / "samples.jsonl").read_text().count("\n") == 2
     config = (run / "config.yaml").read_text()
     assert "demo_ifeval.jsonl" in config and str(installed) in config

@@ -45,10 +45,26 @@ class ModelConfig:
     pretrained_model: str = arg("demo", "`demo` (build the embedded tokenizer and tiny Llama), a Hugging Face folder, a hub id, a Stepwise checkpoint, or a .gguf file (converted once).")
     dtype: str = arg("auto", "`auto` (bf16 autocast on CUDA, fp32 on CPU), `bf16` or `fp32`.")
     compile: bool = arg(False, "Wrap the model in torch.compile.")
+    lora_r: int = arg(0, "LoRA rank through peft; 0 (the default) fine-tunes every weight.")
+    lora_alpha: int = arg(16, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).")
+    lora_dropout: float = arg(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: str = arg("all-linear", "Comma-separated module names to adapt, or `all-linear` (every linear projection of the blocks, not the LM head).")
+    gradient_checkpointing: bool = arg(False, "Recompute each block's activations in the backward pass: less memory, about a third more compute.")
+    fsdp: bool = arg(False, "Under torchrun, shard parameters, gradients and optimizer state with FSDP2 (fully_shard) instead of replicating them with DDP.")
 
     def __post_init__(self):
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise StepwiseError(f"--dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if self.lora_r < 0:
+            raise StepwiseError(f"--lora_r must be >= 0 (0 = full fine-tune), got {self.lora_r}")
+        if self.lora_r and self.lora_alpha <= 0:
+            raise StepwiseError(f"--lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise StepwiseError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_r and not [m for m in self.lora_target_modules.split(",") if m.strip()]:
+            raise StepwiseError("--lora_target_modules may not be empty (`all-linear`, or names such as q_proj,v_proj)")
+        if self.lora_r and self.fsdp:
+            raise StepwiseError("--fsdp with --lora_r is not supported: a LoRA run's trainable weights are small; use DDP (drop --fsdp)")
 
 
 @dataclass
@@ -329,7 +345,7 @@ def with_preset(values: dict, config_name: str) -> tuple[dict, str]:
 
 # A resumed run keeps what decides its data order and its model: changing any of these would make
 # the continuation a different run, not the same one picked up again.
-FIXED_ON_RESUME = ("pretrained_model", "dataset", "val_dataset", "val_fraction", "context_length", "demo_records",
+FIXED_ON_RESUME = ("pretrained_model", "lora_r", "lora_alpha", "lora_target_modules", "dataset", "val_dataset", "val_fraction", "context_length", "demo_records",
                    "seed", "mini_batch_size", "total_batch_size")
 
 

@@ -161,3 +161,22 @@ def test_lora_mistakes_are_one_line(base, lora_run, tmp_path):
     (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
     with pytest.raises(StepwiseError, match="is not there any more"):
         load_model(moved, "cpu")
+
+
+def test_two_adapters_answer_side_by_side(lora_run):
+    """The front ends' comparison session streams two adapters of one run at once (each in its own
+    thread, on the one shared base) and each answers as it does alone."""
+    from app.session import CompareSession
+    from trainer.inference.generate import GenerationSettings, generate_batch
+
+    run, _ = lora_run
+    settings = GenerationSettings(max_new_tokens=8)
+    session = CompareSession(["lora/step-000002", "lora/step-000006"], settings=settings, root=run.parent)
+    final = list(session.stream_all("Write the word blue in capitals."))[-1]
+    assert all(g is not None and g.done for g in final)
+    assert session.cache.bases.loads == 1
+    conversation = [[{"role": "user", "content": "Write the word blue in capitals."}]]
+    for side, g in zip(session.sides, final):
+        alone = load_model(run.parent / side.path, "cpu")
+        assert g.text == generate_batch(alone.model, alone.tokenizer, conversation, settings)[0].text
+        assert "LoRA r=4" in side.label

@@ -22,7 +22,7 @@ import torch
 
 from trainer.core.catalog import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from trainer.core.errors import StepwiseError, first_line
-from trainer.inference.gguf import gguf_folder, is_gguf
+from trainer.inference.gguf import gguf_folder, is_gguf, packaged_file
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -58,12 +58,32 @@ def check_adapter_folder(path: str | Path) -> None:
 
 
 def base_name(path: str | Path) -> str:
-    """The base model an adapter folder was trained on: a folder, a hub id, or a .gguf file (its
-    converted folder)."""
+    """The base model an adapter folder was trained on: a folder or a hub id, as adapter_config.json
+    names it. When that folder is gone and the run trained from a .gguf file (the folder was its
+    converted cache), the file named in the run's config.yaml is converted again."""
     name = adapter_config(path)["base_model_name_or_path"]
-    if is_gguf(name):
-        return str(gguf_folder(name, flag=f"{path}: base model", log=None))
+    if Path(name).exists() or not name.startswith("/"):
+        return name
+    source = _run_pretrained_model(Path(path))
+    if source is not None:
+        source = packaged_file(source, flag=f"{path}: base model")
+        if is_gguf(source) and Path(source).is_file():
+            return str(gguf_folder(source, flag=f"{path}: base model", log=None))
     return name
+
+
+def _run_pretrained_model(path: Path) -> str | None:
+    """--pretrained_model of the run a checkpoint belongs to (its config.yaml), if it can be read."""
+    import yaml
+
+    for folder in (path.parent, path.parent.parent):  # step-N/ or final/adapter/
+        try:
+            saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
+            return saved["model"].get("pretrained_model")
+    return None
 
 
 class BaseModels:

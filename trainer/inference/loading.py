@@ -29,7 +29,7 @@ from trainer.inference.adapters import (
     is_adapter,
     tensor_bytes,
 )
-from trainer.inference.gguf import gguf_folder, is_gguf
+from trainer.inference.gguf import PACKAGE_PREFIX, gguf_folder, is_gguf, packaged_file
 from trainer.inference.hub import (
     LOAD_LOCK,
     held_logs,
@@ -212,6 +212,7 @@ def load_model(path: str | Path, device: str | None = None, log=None, bases: Bas
     through log: gguf_folder), in eval mode with its own tokenizer and chat template. A folder that
     lacks weights or a tokenizer is a StepwiseError naming it. An adapter folder loads on its base,
     taken from (or loaded once into) bases."""
+    path = packaged_file(str(path), flag="") if str(path).startswith(PACKAGE_PREFIX) else path
     p = Path(path)
     if p.is_dir() and is_adapter(p):
         return load_adapter(p, device, bases if bases is not None else BaseModels())

@@ -20,6 +20,7 @@ from trainer.core.config import Config
 from trainer.core.errors import StepwiseError
 from trainer.evals.contamination import check_prompts_against_records, warn
 from trainer.evals.prompts import HeldoutPrompt, load_prompts
+from trainer.inference.gguf import packaged_file
 from trainer.inference.loading import check_weights
 from trainer.training.batching import (
     collate,
@@ -164,7 +165,7 @@ def check_paths(cfg: Config) -> None:
         raise StepwiseError(f"--output_dir {out}: cannot write in {probe} ({err.strerror})") from None
     if cfg.eval.eval_prompts and not Path(cfg.eval.eval_prompts).is_file():
         raise StepwiseError(f"--eval_prompts {cfg.eval.eval_prompts}: no such file")
-    model = cfg.model.pretrained_model
+    model = packaged_file(cfg.model.pretrained_model)
     if cfg.model.lora_r and model == "demo":
         raise StepwiseError("--lora_r needs --pretrained_model: the demo model starts from random weights, so an "
                             "adapter on it has no base to load later (train it fully, or give a pretrained model)")

@@ -72,8 +72,9 @@ def test_fsdp_losses_equal_ddp_and_one_process(runs):
     assert len([h for h in fsdp if "val_loss" in h]) == STEPS // 2
 
 
-def test_fsdp_with_one_process_says_it_trains_unsharded(runs):
+def test_fsdp_says_whether_it_shards(runs):
     assert "--fsdp: one process, nothing to shard: training unsharded" in runs["one"].stdout
+    assert "sharded over 2 processes (FSDP2)" in runs["fsdp"].stdout and "FSDP2" not in runs["ddp"].stdout
 
 
 def test_fsdp_checkpoint_is_the_one_process_layout_and_loads_in_plain_transformers(runs):
@@ -119,3 +120,26 @@ def test_fsdp_with_compile_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and "--fsdp with --compile" in proc.stderr, proc.stderr
     assert not any(tmp_path.iterdir()), "nothing written"
+
+
+def test_optimizer_state_by_name_and_back_is_the_one_process_state_dict():
+    """What rank 0 converts between torch.distributed.checkpoint's names and the saved indices."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.training.distributed import by_index, by_name, param_names
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": [p for p in model.parameters() if p.dim() < 2]}])
+    before = optimizer.state_dict()
+    assert by_index(before, param_names(model, optimizer)) == before, "indices (no state yet) pass through"
+    x = torch.randint(0, 64, (1, 8))
+    model(input_ids=x, labels=x).loss.backward()
+    optimizer.step()
+    names = param_names(model, optimizer)
+    assert names[0] == "model.embed_tokens.weight" and len(names) == len(set(names)) == len(list(model.parameters()))
+    state = optimizer.state_dict()
+    named = by_name(state, names)
+    assert set(named["state"]) == set(names) and named["param_groups"][1]["params"] == names[len(decay):]
+    assert by_index(named, names) == state

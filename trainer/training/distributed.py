@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.core.config import Config
 from trainer.core.errors import StepwiseError
+from trainer.core.files import read_json
 from trainer.training.checkpoint import read_optimizer_state
 
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -59,7 +60,7 @@ def check_flags(cfg: Config, world: int) -> list[str]:
         # As Hugging Face Trainer, one process still trains; with nothing to shard it trains unsharded.
         return ["--fsdp: one process, nothing to shard: training unsharded "
                 "(torchrun --nproc_per_node N -m trainer train --fsdp ... shards over N processes)"]
-    return []
+    return [f"--fsdp: parameters, gradients and optimizer state sharded over {world} processes (FSDP2)"]
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -174,9 +175,9 @@ def param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> lis
 def by_index(state: dict, names: list[str]) -> dict:
     """A state dict keyed by parameter name (torch.distributed.checkpoint's) keyed by index instead."""
     index = {n: i for i, n in enumerate(names)}
-    key = index.get
-    return {"state": {key(k, k): v for k, v in state["state"].items()},
-            "param_groups": [{**g, "params": [key(p, p) for p in g["params"]]} for g in state["param_groups"]]}
+    at = index.get  # a key that is already an index (a state dict taken before any step) stays as it is
+    return {"state": {at(k, k): v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [at(p, p) for p in g["params"]]} for g in state["param_groups"]]}
 
 
 def by_name(state: dict, names: list[str]) -> dict:
@@ -204,7 +205,10 @@ def optimizer_loader(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def has_optimizer_state(folder: Path) -> bool:
+    """Whether the checkpoint's optimizer has per-parameter state (none before the first applied step),
+    read from the files' headers only."""
     from safetensors import safe_open
 
     with safe_open(folder / "optimizer.safetensors", framework="pt") as fh:
-        return bool(list(fh.keys()))
+        tensors = bool(list(fh.keys()))
+    return tensors or bool(read_json(folder / "optimizer.json")["scalars"])

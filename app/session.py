@@ -18,6 +18,7 @@ from pathlib import Path
 
 from trainer.core.catalog import weights_identity
 from trainer.core.errors import StepwiseError, first_line
+from trainer.inference.adapters import BaseModels
 from trainer.inference.generate import Generation, GenerationSettings, stream
 from trainer.inference.loading import LoadedModel, load_model
 
@@ -26,7 +27,8 @@ class ModelCache:
     """Loaded models by path, least recently used evicted first once their parameter bytes pass the
     budget (the model just asked for always stays, even alone over budget). Thread-safe: concurrent
     requests for one path load it once. A folder whose weights were rewritten (final/ gets a new best)
-    is a new entry."""
+    is a new entry. LoRA adapter checkpoints share their base (`bases`, loaded once, counted once in
+    the budget, dropped when no cached adapter uses it)."""
 
     def __init__(self, budget_bytes: int = 2 << 30, device: str | None = None):
         self.budget_bytes = budget_bytes
@@ -34,6 +36,7 @@ class ModelCache:
         self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[tuple, threading.Lock] = {}
+        self.bases = BaseModels()
 
     @staticmethod
     def _key(path) -> tuple:
@@ -43,7 +46,7 @@ class ModelCache:
     @property
     def nbytes(self) -> int:
         with self._lock:
-            return sum(m.nbytes for m in self._models.values())
+            return sum(m.nbytes for m in self._models.values()) + self.bases.nbytes
 
     def __len__(self) -> int:
         return len(self._models)
@@ -64,7 +67,7 @@ class ModelCache:
                     self._models.move_to_end(key)
                     return self._models[key]
             try:
-                loaded = load_model(path, self.device)
+                loaded = load_model(path, self.device, bases=self.bases)
             finally:
                 with self._lock:
                     self._loading.pop(key, None)
@@ -74,12 +77,15 @@ class ModelCache:
             return loaded
 
     def _evict(self, keep: tuple) -> None:
-        total = sum(m.nbytes for m in self._models.values())
+        def total() -> int:
+            return sum(m.nbytes for m in self._models.values()) + self.bases.nbytes
+
         for key in list(self._models):
-            if total <= self.budget_bytes:
+            if total() <= self.budget_bytes:
                 break
             if key != keep:
-                total -= self._models.pop(key).nbytes
+                self._models.pop(key)
+                self.bases.keep_only({m.base for m in self._models.values() if m.base})
 
 
 @dataclass

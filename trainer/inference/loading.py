@@ -6,13 +6,14 @@ refused, since unpickling a file can run code. A damaged weights file, a config.
 not match the weights, and a hub id while the hub cannot be reached are each one line too.
 
 A `.gguf` file (llama.cpp's format) is converted once into a cached Hugging Face folder (gguf_folder)
-and then loads as that folder does.
+and then loads as that folder does. A LoRA adapter folder loads on its base, which is loaded once and
+shared by every adapter on it (trainer.inference.adapters).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +21,15 @@ import torch
 from trainer.core.catalog import WEIGHT_FILES, CheckpointInfo, checkpoint_info
 from trainer.core.chat import ensure_chat_template
 from trainer.core.errors import StepwiseError, first_line
-from trainer.inference.gguf import gguf_folder, is_gguf
+from trainer.inference.adapters import (
+    BaseModels,
+    attach_adapter,
+    base_name,
+    check_adapter_folder,
+    is_adapter,
+    tensor_bytes,
+)
+from trainer.inference.gguf import PACKAGE_PREFIX, gguf_folder, is_gguf, packaged_file
 from trainer.inference.hub import (
     LOAD_LOCK,
     held_logs,
@@ -33,13 +42,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def from_pretrained(loader, name: str, flag: str = "--pretrained_model", offline: str | None = None):
+def from_pretrained(loader, name: str, flag: str = "--pretrained_model", offline: str | None = None,
+                    needs_config: bool = True):
     """loader(name) (an AutoX.from_pretrained) with Hugging Face's progress bars off, since they
     would land in our log, the REPL and the eval display, and its errors as one line naming it.
-    offline: hub_access(name)'s reason, when the hub cannot be reached (the cache is used)."""
+    offline: hub_access(name)'s reason, when the hub cannot be reached (the cache is used).
+    needs_config=False: a folder without config.json is fine (an adapter folder's tokenizer)."""
     label = f"{flag} {name}" if flag else name
     path = Path(name)
-    if path.exists() and not (path / "config.json").is_file():
+    if needs_config and path.exists() and not (path / "config.json").is_file():
         raise StepwiseError(f"{label}: no config.json (not a Hugging Face model folder)")
     from safetensors import SafetensorError
 
@@ -129,6 +140,10 @@ class LoadedModel:
     model: object
     tokenizer: object
     info: CheckpointInfo | None = None
+    base: str | None = None
+    """The base model an adapter checkpoint runs on (shared, held in BaseModels), None for full weights."""
+    shared: frozenset = field(default_factory=frozenset)
+    """ids of the tensors that belong to the shared base, not to this model."""
 
     @property
     def label(self) -> str:
@@ -136,8 +151,8 @@ class LoadedModel:
 
     @property
     def nbytes(self) -> int:
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes this model holds on its own (an adapter's LoRA weights; the whole model otherwise)."""
+        return tensor_bytes(self.model, self.shared)
 
 
 def default_device() -> str:
@@ -175,36 +190,72 @@ def is_hub_id(name: str) -> bool:
 
 
 def check_model_folder(path: str | Path) -> None:
-    """A StepwiseError naming the folder unless it holds a config, intact safetensors weights and a
-    tokenizer."""
+    """A StepwiseError naming the folder unless it holds a config, intact safetensors weights (or a LoRA
+    adapter) and a tokenizer."""
     p = Path(path)
     if not p.is_dir():
         raise StepwiseError(f"{path}: no such checkpoint folder")
-    if not (p / "config.json").is_file():
-        raise StepwiseError(f"{path}: no config.json (not a Hugging Face model folder)")
-    check_weights(p, str(path))
-    if not any((p / w).is_file() for w in WEIGHT_FILES):
-        raise StepwiseError(f"{path}: no model weights ({WEIGHT_FILES[0]})")
+    if is_adapter(p):
+        check_adapter_folder(p)
+    else:
+        if not (p / "config.json").is_file():
+            raise StepwiseError(f"{path}: no config.json (not a Hugging Face model folder)")
+        check_weights(p, str(path))
+        if not any((p / w).is_file() for w in WEIGHT_FILES):
+            raise StepwiseError(f"{path}: no model weights ({WEIGHT_FILES[0]})")
     if not any((p / t).is_file() for t in TOKENIZER_FILES):
         raise StepwiseError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
 
 
-def load_model(path: str | Path, device: str | None = None, log=None) -> LoadedModel:
+def load_model(path: str | Path, device: str | None = None, log=None, bases: BaseModels | None = None) -> LoadedModel:
     """A step folder, final/, any Hugging Face folder, hub id or .gguf file (converted once, said
     through log: gguf_folder), in eval mode with its own tokenizer and chat template. A folder that
-    lacks weights or a tokenizer is a StepwiseError naming it."""
+    lacks weights or a tokenizer is a StepwiseError naming it. An adapter folder loads on its base,
+    taken from (or loaded once into) bases."""
+    path = packaged_file(str(path), flag="") if str(path).startswith(PACKAGE_PREFIX) else path
     p = Path(path)
+    if p.is_dir() and is_adapter(p):
+        return load_adapter(p, device, bases if bases is not None else BaseModels())
     name = str(gguf_folder(p, flag="", log=log)) if is_gguf(path) else str(path)
     if not is_hub_id(name):
         check_model_folder(name)
     device = device or default_device()
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = inference_dtype(device)
     with LOAD_LOCK:
         tokenizer, model = _from_pretrained(name, dtype)
     ensure_chat_template(tokenizer)
     model.to(device).eval()
     model.requires_grad_(False)
     return LoadedModel(p, model, tokenizer, checkpoint_info(p) if p.is_dir() else None)
+
+
+def inference_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_adapter(path: Path, device: str | None, bases: BaseModels) -> LoadedModel:
+    """A LoRA adapter folder on its base (loaded once per base into bases), with the folder's tokenizer."""
+    from transformers import AutoTokenizer
+
+    check_adapter_folder(path)
+    if not any((path / t).is_file() for t in TOKENIZER_FILES):
+        raise StepwiseError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    device = device or default_device()
+    base = base_name(path)
+
+    def load_base(name: str, dtype: torch.dtype):
+        if not is_hub_id(name) and not Path(name).is_dir():
+            raise StepwiseError(f"{path}: its base model {name} is not there any more (adapter_config.json names it)")
+        with LOAD_LOCK:
+            return load_causal_lm(name, dtype, flag=f"{path}: base model", offline=hub_access(name))
+
+    base_model = bases.get(base, inference_dtype(device), device, load_base)
+    with LOAD_LOCK:
+        tokenizer = from_pretrained(AutoTokenizer.from_pretrained, str(path), flag="", needs_config=False)
+    ensure_chat_template(tokenizer)
+    model = attach_adapter(base_model, path)
+    shared = frozenset(id(t) for t in list(base_model.parameters()) + list(base_model.buffers()))
+    return LoadedModel(path, model, tokenizer, checkpoint_info(path), base=base, shared=shared)
 
 
 def _from_pretrained(name: str, dtype: torch.dtype):

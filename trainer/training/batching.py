@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.core.chat import render
+from trainer.core.chat import answer_end, render
 from trainer.core.errors import StepwiseError
 
 IGNORE = -100
 
 def segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, supervised) pieces: each assistant turn is
-    supervised from its first word to the end of its turn; everything else is prompt."""
+    supervised from its first word to its end-of-turn token (chat.answer_end); everything else is prompt."""
     pieces, done = [], ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -29,8 +29,8 @@ def segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
         upto = render(tokenizer, messages[: i + 1])
         if not prefix.startswith(done) or not upto.startswith(prefix):
             raise StepwiseError("the tokenizer's chat template does not render turns as prefixes of each other")
-        pieces.append((prefix[len(done):], False))
-        pieces.append((upto[len(prefix):], True))
+        end = len(prefix) + answer_end(tokenizer, upto[len(prefix):])
+        pieces += [(prefix[len(done):], False), (upto[len(prefix):end], True), (upto[end:], False)]
         done = upto
     return [(text, sup) for text, sup in pieces if text]
 

@@ -20,10 +20,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
-from trainer.core.catalog import STATE_FILE, list_steps, step_dir_name
+from trainer.core.catalog import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    STATE_FILE,
+    list_steps,
+    step_dir_name,
+)
 from trainer.core.errors import StepwiseError, first_line
 from trainer.core.files import read_json, write_json_atomic, write_text_atomic
+from trainer.inference.adapters import base_name, is_adapter
 from trainer.inference.hub import quiet_hub
+from trainer.inference.loading import load_causal_lm
 
 # --- writing -------------------------------------------------------------------------------------
 
@@ -134,6 +142,7 @@ def weights_finite(folder: Path) -> bool:
     """Every tensor in the folder's safetensors weights is finite (read tensor by tensor)."""
     files = sorted(folder.glob("*.safetensors"))
     files = [f for f in files if f.name not in ("optimizer.safetensors", "rng.safetensors")]
+    files += sorted((folder / "adapter").glob("*.safetensors"))
     for f in files:
         with safe_open(f, framework="pt") as fh:
             for key in fh.keys():
@@ -169,18 +178,42 @@ def load_training_state(folder: Path, optimizer, scheduler, load_optimizer=None)
 
 
 def write_final(run_dir: Path, best: Path) -> Path:
-    """Copy the best checkpoint's model, tokenizer, state and samples to final/ (atomically)."""
+    """Copy the best checkpoint's model, tokenizer, state and samples to final/ (atomically). A LoRA
+    checkpoint is merged into its base there (plain HF weights: AutoModelForCausalLM, lm-eval, vLLM),
+    with the adapter itself kept beside it in final/adapter/."""
     final, tmp = run_dir / "final", run_dir / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
     skip = {"optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors", "rng.json"}
     try:
         shutil.copytree(best, tmp, ignore=lambda _d, names: [n for n in names if n in skip])
-    except OSError as err:
+        if is_adapter(tmp):
+            write_merged(tmp)
+    except (OSError, StepwiseError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StepwiseError(f"{final}: could not write the best checkpoint ({first_line(err)}); "
                             f"{best} is intact") from None
     _replace_folder(tmp, final)
     return final
+
+
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md")  # README.md: peft's model card
+
+
+def write_merged(folder: Path) -> None:
+    """Turn an adapter folder into full merged weights, its adapter files moved to folder/adapter/."""
+    from peft import PeftModel
+
+    adapter = folder / "adapter"
+    adapter.mkdir()
+    for name in ADAPTER_FILES:
+        if (folder / name).is_file():
+            os.replace(folder / name, adapter / name)
+    base = load_causal_lm(base_name(adapter), torch.float32, flag=f"{adapter}: base model")
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    if not model_finite(merged):
+        raise StepwiseError(f"{folder}: the merged weights are not finite")
+    with quiet_hub():
+        merged.save_pretrained(folder, safe_serialization=True)
 
 
 def rotate(run_dir: Path, limit: int | None, best_step: int | None) -> list[Path]:

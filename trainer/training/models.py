@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import os
+import warnings
+from pathlib import Path
 
 import torch
 
 from trainer.core.chat import ensure_chat_template, render
-from trainer.core.errors import StepwiseError
-from trainer.inference.gguf import gguf_folder, is_gguf
+from trainer.core.config import ModelConfig
+from trainer.core.errors import StepwiseError, first_line
+from trainer.inference.gguf import gguf_folder, is_gguf, packaged_file
 from trainer.inference.hub import hub_access
 from trainer.inference.loading import from_pretrained, load_causal_lm
 
@@ -60,6 +63,7 @@ def demo_texts(records: list[dict]) -> list[str]:
 def resolve_pretrained(name: str) -> str:
     """The folder to load for --pretrained_model: a .gguf file's converted folder (converted now when
     not cached, said in the log by rank 0), any other name unchanged."""
+    name = packaged_file(name)
     if not is_gguf(name):
         return name
     main = os.environ.get("RANK", "0") == "0"  # every rank converts or reuses; one says so
@@ -79,11 +83,11 @@ def load_pretrained_tokenizer(name: str):
     return _pretrained_tokenizer(name, hub_access(name))
 
 
-def _pretrained_tokenizer(name: str, offline: str | None):
+def _pretrained_tokenizer(name: str, offline: str | None, needs_config: bool = True):
     """The tokenizer of --pretrained_model; offline: why the hub cannot be reached (hub_access)."""
     from transformers import AutoTokenizer
 
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, offline=offline)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, offline=offline, needs_config=needs_config)
     ensure_chat_template(tokenizer)
     return tokenizer
 
@@ -103,3 +107,43 @@ def check_template(tokenizer) -> None:
         render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
     except Exception as err:  # jinja errors come in many types
         raise StepwiseError(f"--pretrained_model: the tokenizer's chat template fails ({err})") from None
+
+
+def lora_base_name(name: str) -> str:
+    """What adapter_config.json records as the base: the folder loaded, made absolute so the adapter
+    loads from any working directory (for a .gguf file, its converted folder: loadable by any tool;
+    if that cache is cleared, Stepwise converts again from the run's config), or the hub id."""
+    name = packaged_file(name)
+    p = gguf_folder(name, log=_silent) if is_gguf(name) else Path(name).expanduser()  # converted already
+    return str(p.resolve()) if p.exists() else name
+
+
+def apply_lora(model, mcfg: ModelConfig, base: str):
+    """The model with LoRA adapters (peft) on --lora_target_modules; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = mcfg.lora_target_modules.strip()
+    config = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout, task_type="CAUSAL_LM",
+                        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+                        )
+    try:
+        with warnings.catch_warnings():  # peft asks a deprecated transformers property (FutureWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, config)
+    except ValueError as err:  # "Target modules {...} not found in the base model"
+        raise StepwiseError(f"--lora_target_modules {mcfg.lora_target_modules}: {first_line(err)}") from None
+    # peft records the model's own name_or_path, which may be relative to where training ran.
+    peft_model.peft_config["default"].base_model_name_or_path = lora_base_name(base)
+    return peft_model
+
+
+def load_lora_checkpoint(folder: Path, base: str):
+    """Tokenizer and trainable LoRA model of a step folder being resumed: the base from
+    --pretrained_model, the adapter (exactly as saved) from the folder."""
+    from peft import PeftModel
+
+    tokenizer = _pretrained_tokenizer(str(folder), None, needs_config=False)
+    _, model = load_pretrained(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return tokenizer, PeftModel.from_pretrained(model, str(folder), is_trainable=True)

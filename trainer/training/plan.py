@@ -23,8 +23,8 @@ from trainer.core.config import Config, load_saved
 from trainer.training.batching import steps_per_epoch, tokenize
 
 # Fields that change the cost of a step; a run with the same ones has a throughput worth reusing.
-SPEED_KEYS = ("pretrained_model", "dtype", "compile", "dataset", "context_length", "mini_batch_size",
-              "total_batch_size", "demo_records")
+SPEED_KEYS = ("pretrained_model", "dtype", "compile", "lora_r", "lora_target_modules", "gradient_checkpointing", "fsdp",
+              "dataset", "context_length", "mini_batch_size", "total_batch_size", "demo_records")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from trainer.core.config import Config
 from trainer.core.errors import StepwiseError
 from trainer.evals.contamination import check_prompts_against_records, warn
 from trainer.evals.prompts import HeldoutPrompt, load_prompts
+from trainer.inference.gguf import packaged_file
 from trainer.inference.loading import check_weights
 from trainer.training.batching import (
     collate,
@@ -36,10 +37,12 @@ from trainer.training.distributed import (
     wrap_model,
 )
 from trainer.training.models import (
+    apply_lora,
     build_demo_model,
     build_demo_tokenizer,
     check_template,
     demo_texts,
+    load_lora_checkpoint,
     load_pretrained,
     load_pretrained_tokenizer,
 )
@@ -116,7 +119,9 @@ def load_tokenizer_and_model(cfg: Config, train_records: list[dict], resume_from
                              with_model: bool = True):
     """(tokenizer, model): from the checkpoint being resumed, the demo preset, or --pretrained_model.
     With with_model=False only the tokenizer is loaded (the planner needs lengths, not weights)."""
-    if resume_from is not None:
+    if resume_from is not None and cfg.model.lora_r:
+        tokenizer, model = load_lora_checkpoint(resume_from, cfg.model.pretrained_model)
+    elif resume_from is not None:
         tokenizer, model = load_pretrained(str(resume_from))
     elif cfg.model.pretrained_model == "demo":
         tokenizer = build_demo_tokenizer(demo_texts(train_records))
@@ -126,6 +131,8 @@ def load_tokenizer_and_model(cfg: Config, train_records: list[dict], resume_from
     else:
         tokenizer, model = load_pretrained_tokenizer(cfg.model.pretrained_model), None
     check_template(tokenizer)
+    if model is not None and cfg.model.lora_r and resume_from is None:
+        model = apply_lora(model, cfg.model, cfg.model.pretrained_model)
     return tokenizer, model
 
 
@@ -151,7 +158,10 @@ def check_paths(cfg: Config) -> None:
         raise StepwiseError(f"--output_dir {out}: cannot write in {probe} ({err.strerror})") from None
     if cfg.eval.eval_prompts and not Path(cfg.eval.eval_prompts).is_file():
         raise StepwiseError(f"--eval_prompts {cfg.eval.eval_prompts}: no such file")
-    model = cfg.model.pretrained_model
+    model = packaged_file(cfg.model.pretrained_model)
+    if cfg.model.lora_r and model == "demo":
+        raise StepwiseError("--lora_r needs --pretrained_model: the demo model starts from random weights, so an "
+                            "adapter on it has no base to load later (train it fully, or give a pretrained model)")
     if model != "demo" and model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         raise StepwiseError(f"--pretrained_model {model}: no such {'file' if model.endswith('.gguf') else 'folder'}")
     if model != "demo" and Path(model).expanduser().is_dir() and not cfg.run.resume:
@@ -195,6 +205,11 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
     tokenizer, model = load_tokenizer_and_model(cfg, train_records, resume_from)
     if not (cfg.model.fsdp and world > 1):  # FSDP moves it as it shards, a layer at a time
         model.to(device)
+    if cfg.model.lora_r:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total_params = sum(p.numel() for p in model.parameters())
+        reporter.info(f"LoRA r={cfg.model.lora_r} alpha={cfg.model.lora_alpha} on {cfg.model.lora_target_modules}: "
+                      f"{trainable:,} trainable parameters of {total_params:,} ({trainable / total_params:.2%})")
 
     train, train_stats = tokenize(tokenizer, train_records, cfg.data.context_length)
     val, _ = tokenize(tokenizer, val_records, cfg.data.context_length)

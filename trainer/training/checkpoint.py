@@ -15,8 +15,10 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from trainer.core.catalog import (
     ADAPTER_CONFIG,
@@ -33,8 +35,8 @@ from trainer.inference.loading import load_causal_lm
 
 # --- writing -------------------------------------------------------------------------------------
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+def _optimizer_tensors(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()  # a dict: gathered under FSDP
     tensors, scalars = {}, {}
     for pid, pstate in state["state"].items():
         for key, value in pstate.items():
@@ -45,7 +47,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def read_optimizer_state(folder: Path) -> dict:
+    """The optimizer state dict saved in a checkpoint (parameters by index, as one process numbers them)."""
     meta = read_json(folder / "optimizer.json")
     tensors = load_file(folder / "optimizer.safetensors")
     state: dict[int, dict] = {}
@@ -55,7 +58,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     for name, value in meta["scalars"].items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -150,13 +153,25 @@ def weights_finite(folder: Path) -> bool:
 
 
 def model_finite(model) -> bool:
-    """No parameter holds a NaN or inf (checked before a checkpoint is written)."""
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """No parameter holds a NaN or inf (checked before a checkpoint is written). Sharded (FSDP) parameters
+    are checked shard by shard and the ranks agree, so every rank gets the same answer."""
+    params = list(model.parameters())
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    finite = all(bool(torch.isfinite(p).all()) for p in local)
+    if any(isinstance(p, DTensor) for p in params):
+        flag = torch.tensor(float(finite), device=local[0].device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item())
+    return finite
 
 
-def load_training_state(folder: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG from a checkpoint; return its trainer_state."""
-    _load_optimizer(optimizer, folder)
+def load_training_state(folder: Path, optimizer, scheduler, load_optimizer=None) -> dict:
+    """Restore optimizer, scheduler and RNG from a checkpoint; return its trainer_state. load_optimizer:
+    what restores a sharded optimizer instead (trainer.training.distributed.optimizer_loader)."""
+    if load_optimizer is not None:
+        load_optimizer(folder)
+    else:
+        optimizer.load_state_dict(read_optimizer_state(folder))
     scheduler.load_state_dict(read_json(folder / "scheduler.json"))
     set_rng_state(folder)
     return read_json(folder / STATE_FILE)

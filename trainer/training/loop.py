@@ -2,7 +2,7 @@
 
 One optimizer step = `grad_accum_steps` micro-batches on each of `world_size` processes. The loss of a
 step is the sum of token losses over the whole accumulated (and distributed) batch divided by its
-number of supervised tokens, so accumulation and DDP give the same gradient as one large batch.
+number of supervised tokens, so accumulation and DDP or FSDP give the same gradient as one large batch.
 
 A step whose loss or gradient norm is not finite is never applied: its gradient is dropped (the step
 still counts, so the data order and the schedule stay those of an uninterrupted run), and after
@@ -29,6 +29,7 @@ from trainer.core.files import write_text_atomic
 from trainer.evals.heldout import heldout_samples
 from trainer.inference.generate import GenerationSettings
 from trainer.training import checkpoint as ckpt
+from trainer.training import distributed
 from trainer.training.batching import collate, micro_batches
 from trainer.training.metrics import (
     MetricsLog,
@@ -97,7 +98,8 @@ def begin(run: Run) -> State:
     log.early_stopping.threshold = cfg.eval.early_stopping_threshold
     state = State(log)
     if run.resume_from is not None:
-        saved = ckpt.load_training_state(run.resume_from, run.optimizer, run.scheduler)
+        saved = ckpt.load_training_state(run.resume_from, run.optimizer, run.scheduler,
+                                         distributed.optimizer_loader(run.raw_model, run.optimizer, run.rank))
         changed = apply_optimizer_settings(run)
         state.step = state.saved_at = state.evaluated_at = saved["step"]
         state.window = Window(**saved.get("log_window", {}))
@@ -172,11 +174,11 @@ def accumulate(run: Run, batches: list[list[int]]) -> tuple[float, int]:
     for i, m in enumerate(micro):
         m = {k: v.to(run.device, non_blocking=True) for k, v in m.items()}
         last = i == len(micro) - 1
-        sync = nullcontext() if last or run.world == 1 else run.model.no_sync()
-        with sync, autocast(run):
-            # num_items_in_batch makes the model's loss a sum over tokens / n_tokens (not a per-batch mean).
-            out = run.model(**m, num_items_in_batch=n_items)
-            # DDP averages gradients over processes; the loss is already global, so undo the average.
+        with distributed.grad_sync(run.model, sync=last), autocast(run):
+            # num_items_in_batch makes the model's loss a sum over tokens / n_tokens (not a per-batch mean);
+            # no KV cache is wanted in training (and gradient checkpointing warns about one on every rank).
+            out = run.model(**m, num_items_in_batch=n_items, use_cache=False)
+            # DDP and FSDP average gradients over processes; the loss is already global: undo the average.
             (out.loss * run.world).backward()
         loss_total += out.loss.detach().float()
     (loss_sum,) = all_sum(run, loss_total.item() * n_tokens)  # the step's one host sync for the loss
@@ -215,8 +217,9 @@ def validate(run: Run) -> float | None:
         n = int((m["labels"][:, 1:] != -100).sum())
         with autocast(run):
             out = run.raw_model(**m, num_items_in_batch=torch.tensor(n, device=run.device))
-        loss_sum += out.loss.float().item() * n
-        count += n
+        if n:  # an FSDP filler batch (no labels) only keeps the ranks in step
+            loss_sum += out.loss.float().item() * n
+            count += n
     loss_sum, count = all_sum(run, loss_sum, count)
     return loss_sum / count if count else None
 
@@ -238,13 +241,13 @@ def evaluate_step(run: Run, state: State, epoch: float) -> bool:
     return stop
 
 
-def heldout_scores(run: Run) -> tuple[list[dict] | None, dict]:
+def heldout_scores(run: Run, model: torch.nn.Module) -> tuple[list[dict] | None, dict]:
     """Generate on the held-out prompts and score them (rank 0 only; the others wait at the barrier)."""
     if not run.heldout or not run.is_main:
         return None, {}
-    run.raw_model.eval()
+    model.eval()
     settings = GenerationSettings(max_new_tokens=run.cfg.eval.eval_max_new_tokens)
-    rows, summary = heldout_samples(run.raw_model, run.tokenizer, run.heldout, settings)
+    rows, summary = heldout_samples(model, run.tokenizer, run.heldout, settings)
     return rows, {k: summary.get(k) for k in METRICS if k != "val_loss" and summary.get(k) is not None}
 
 
@@ -252,7 +255,9 @@ def checkpoint(run: Run, state: State, epoch: float, interrupted: bool = False) 
     """At a checkpoint step: held-out scores, best model and early stopping, then save(). Every rank
     calls it; True when early stopping on a held-out metric says stop."""
     step, log = state.step, state.log
-    samples, scores = heldout_scores(run)
+    # Under FSDP every rank gathers and rank 0 generates with, and saves, the full copy it received.
+    model, optimizer = distributed.gathered(run.raw_model, run.optimizer, run.rank)
+    samples, scores = heldout_scores(run, model)
     # A checkpoint taken only because the run was interrupted adds no history entry: the resumed
     # run's history then equals an uninterrupted one.
     entry = log.entry(step) if not interrupted or (log.history and log.history[-1]["step"] == step) else {}
@@ -269,21 +274,23 @@ def checkpoint(run: Run, state: State, epoch: float, interrupted: bool = False) 
         if improves(metric, value, log.best.get("value")):
             log.best = {"step": step, "epoch": round(epoch, 4), "val_loss": entry.get("val_loss"),
                         "checkpoint": catalog.step_dir_name(step), "metric": metric, "value": value}
-        save(run, state, epoch, entry, scores, samples)
+        save(run, state, epoch, entry, scores, samples, model, optimizer)
     if run.world > 1:
         dist.barrier()
     state.saved_at = step
     return stop
 
 
-def save(run: Run, state: State, epoch: float, entry: dict, scores: dict, samples: list[dict] | None) -> None:
-    """Write the checkpoint (never one with non-finite weights), rotate, and write the metrics."""
+def save(run: Run, state: State, epoch: float, entry: dict, scores: dict, samples: list[dict] | None,
+         model: torch.nn.Module, optimizer) -> None:
+    """Write the checkpoint of `model` and `optimizer` (an optimizer or its gathered state dict; never
+    non-finite weights), rotate, and write the metrics."""
     step, log = state.step, state.log
     trainer_state = {"step": step, "epoch": epoch, "val_loss": entry.get("val_loss"), "metrics": scores,
                      "best": log.best, "early_stopping": asdict(log.early_stopping), "log_window": asdict(state.window),
                      "data_position": {"epoch": step // run.steps_per_epoch, "step_in_epoch": step % run.steps_per_epoch},
                      "seed": run.cfg.optim.seed}
-    path = ckpt.save_checkpoint(run.run_dir, step, run.raw_model, run.tokenizer, run.optimizer, run.scheduler,
+    path = ckpt.save_checkpoint(run.run_dir, step, model, run.tokenizer, optimizer, run.scheduler,
                                 trainer_state, samples)
     removed = ckpt.rotate(run.run_dir, run.cfg.checkpoint.save_total_limit, log.best.get("step"))
     log.save()

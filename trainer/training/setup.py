@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from trainer.core import catalog
@@ -31,6 +30,12 @@ from trainer.training.batching import (
 )
 from trainer.training.checkpoint import clean_leftovers, weights_finite
 from trainer.training.data import load_train_val
+from trainer.training.distributed import (
+    check_flags,
+    init_distributed,
+    is_sharded,
+    wrap_model,
+)
 from trainer.training.models import (
     apply_lora,
     build_demo_model,
@@ -54,9 +59,10 @@ class Run:
     rank: int
     world: int
     model: torch.nn.Module
-    """What the step runs: the model, compiled and/or wrapped in DDP."""
+    """What the step runs: the model, compiled and/or wrapped in DDP (or the model itself, sharded by FSDP)."""
     raw_model: torch.nn.Module
-    """The model itself, for saving, clipping and generation."""
+    """The model itself, for saving, clipping and generation (sharded in place under FSDP: saving and
+    generation then use a copy gathered on rank 0, trainer.training.distributed.gathered)."""
     tokenizer: object
     train: list[dict]
     val_batches: list[dict]
@@ -80,19 +86,6 @@ class Run:
     @property
     def micro_per_step(self) -> int:
         return self.cfg.grad_accum_steps * self.world
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 def resolve_run_dir(cfg: Config) -> Path:
@@ -192,7 +185,10 @@ def resume_checkpoint(run_dir: Path, reporter: Reporter) -> Path:
 def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
     check_paths(cfg)
     rank, world, device = init_distributed()
+    notes = check_flags(cfg, world)
     reporter = reporter or Reporter(enabled=rank == 0, progress=cfg.run.progress)
+    for note in notes:
+        reporter.info(note)
     run_dir = resolve_run_dir(cfg)
     resume_from = None
     if cfg.run.resume:
@@ -207,7 +203,8 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
     torch.manual_seed(cfg.optim.seed)
     train_records, val_records = load_data(cfg, reporter)
     tokenizer, model = load_tokenizer_and_model(cfg, train_records, resume_from)
-    model.to(device)
+    if not (cfg.model.fsdp and world > 1):  # FSDP moves it as it shards, a layer at a time
+        model.to(device)
     if cfg.model.lora_r:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total_params = sum(p.numel() for p in model.parameters())
@@ -231,10 +228,7 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
                   f"{total} steps ({total / spe:.2f} epochs)")
 
     raw_model = model
-    if cfg.model.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_model(model, cfg, device, world)  # under --fsdp the same object, sharded in place
     optimizer = make_optimizer(raw_model, cfg)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=math.ceil(total * cfg.optim.warmup_ratio), num_training_steps=total,
@@ -249,7 +243,8 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
                  dropped=train_stats.dropped, train_tokens=train_stats.tokens, supervised_tokens=train_stats.supervised,
                  steps_per_epoch=spe, total_steps=total, grad_accum_steps=cfg.grad_accum_steps, world_size=world)
     return Run(cfg, run_dir, device, rank, world, model, raw_model, tokenizer, train,
-               validation_batches(val, cfg, tokenizer.pad_token_id, rank, world), len(val), optimizer, scheduler,
+               validation_batches(val, cfg, tokenizer.pad_token_id, rank, world, lockstep=is_sharded(model)),
+               len(val), optimizer, scheduler,
                total, spe, reporter, resume_from=resume_from, heldout=heldout, data_stats=stats)
 
 
@@ -260,12 +255,19 @@ def warn_contamination(reporter: Reporter, heldout: list, records: list[dict], t
         warn(found, reporter.console, source=f"the training data ({len(records)} records)", templated=templated)
 
 
-def validation_batches(val: list[dict], cfg: Config, pad_id: int, rank: int, world: int) -> list[dict]:
+def validation_batches(val: list[dict], cfg: Config, pad_id: int, rank: int, world: int,
+                       lockstep: bool = False) -> list[dict]:
     """The validation set (or its first eval_max_batches mini batches, a fixed subset) sorted by
-    length into mini batches, this process's share, collated once for every evaluation."""
+    length into mini batches, this process's share, collated once for every evaluation. With lockstep
+    (FSDP: every forward is a collective) each rank gets as many batches, short ones topped up with a
+    copy of the first whose labels are all -100 (it counts no tokens)."""
     b = cfg.optim.mini_batch_size
     order = sorted(range(len(val)), key=lambda i: len(val[i]["input_ids"]))
     batches = [order[i:i + b] for i in range(0, len(order), b)]
     if cfg.eval.eval_max_batches:
         batches = batches[: cfg.eval.eval_max_batches]
-    return [collate([val[i] for i in batch], pad_id) for batch in batches[rank::world]]
+    mine = [collate([val[i] for i in batch], pad_id) for batch in batches[rank::world]]
+    while lockstep and batches and len(mine) < -(-len(batches) // world):
+        filler = collate([val[i] for i in batches[0]], pad_id)
+        mine.append({**filler, "labels": torch.full_like(filler["labels"], -100)})
+    return mine

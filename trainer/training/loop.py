@@ -174,11 +174,11 @@ def accumulate(run: Run, batches: list[list[int]]) -> tuple[float, int]:
         last = i == len(micro) - 1
         sync = nullcontext() if last or run.world == 1 else run.model.no_sync()
         with sync, autocast(run):
-            # num_items_in_batch makes the model's loss a sum over tokens / n_tokens (not a per-batch mean).
-            out = run.model(**m, num_items_in_batch=n_items)
+            # num_items_in_batch makes the loss a sum over tokens / n_tokens (not a per-batch mean).
+            loss = run.model(**m, num_items_in_batch=n_items)
             # DDP averages gradients over processes; the loss is already global, so undo the average.
-            (out.loss * run.world).backward()
-        loss_total += out.loss.detach().float()
+            (loss * run.world).backward()
+        loss_total += loss.detach().float()
     (loss_sum,) = all_sum(run, loss_total.item() * n_tokens)  # the step's one host sync for the loss
     return loss_sum, int(n_tokens)
 
@@ -214,8 +214,8 @@ def validate(run: Run) -> float | None:
         m = {k: v.to(run.device) for k, v in batch.items()}
         n = int((m["labels"][:, 1:] != -100).sum())
         with autocast(run):
-            out = run.raw_model(**m, num_items_in_batch=torch.tensor(n, device=run.device))
-        loss_sum += out.loss.float().item() * n
+            loss = run.loss_model(**m, num_items_in_batch=torch.tensor(n, device=run.device))
+        loss_sum += loss.float().item() * n
         count += n
     loss_sum, count = all_sum(run, loss_sum, count)
     return loss_sum / count if count else None

@@ -30,6 +30,7 @@ from trainer.training.batching import (
 )
 from trainer.training.checkpoint import clean_leftovers, weights_finite
 from trainer.training.data import load_train_val
+from trainer.training.loss import CausalLMLoss
 from trainer.training.models import (
     build_demo_model,
     build_demo_tokenizer,
@@ -51,7 +52,7 @@ class Run:
     rank: int
     world: int
     model: torch.nn.Module
-    """What the step runs: the model, compiled and/or wrapped in DDP."""
+    """What the step runs: loss_model, compiled and/or wrapped in DDP; called with a batch, it returns the loss."""
     raw_model: torch.nn.Module
     """The model itself, for saving, clipping and generation."""
     tokenizer: object
@@ -69,6 +70,8 @@ class Run:
     heldout: list[HeldoutPrompt] = field(default_factory=list)
     data_stats: dict = field(default_factory=dict)
     """Counts for training_metrics.json's `data` (examples, tokens, steps an epoch, ...)."""
+    loss_model: torch.nn.Module | None = None
+    """raw_model in the loss wrapper (trainer.training.loss), neither compiled nor in DDP: validation runs it."""
 
     @property
     def is_main(self) -> bool:
@@ -216,6 +219,9 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
                   f"{total} steps ({total / spe:.2f} epochs)")
 
     raw_model = model
+    model = loss_model = CausalLMLoss(raw_model)
+    if loss_model.fallback:
+        reporter.info(f"loss: the model's own forward, with full logits ({loss_model.fallback})")
     if cfg.model.compile:
         model = torch.compile(model)
     if world > 1:
@@ -235,7 +241,8 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
                  steps_per_epoch=spe, total_steps=total, grad_accum_steps=cfg.grad_accum_steps, world_size=world)
     return Run(cfg, run_dir, device, rank, world, model, raw_model, tokenizer, train,
                validation_batches(val, cfg, tokenizer.pad_token_id, rank, world), len(val), optimizer, scheduler,
-               total, spe, reporter, resume_from=resume_from, heldout=heldout, data_stats=stats)
+               total, spe, reporter, resume_from=resume_from, heldout=heldout, data_stats=stats,
+               loss_model=loss_model)
 
 
 def warn_contamination(reporter: Reporter, heldout: list, records: list[dict], templated: bool = False) -> None:

@@ -67,19 +67,21 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def wrap_model(model: torch.nn.Module, cfg: Config, device: torch.device, world: int) -> torch.nn.Module:
-    """The model the step runs: `model` itself (sharded in place under --fsdp), compiled, or in DDP.
-    Gradient checkpointing is switched on first, so FSDP shards the checkpointed layers."""
+def wrap_model(model: torch.nn.Module, step: torch.nn.Module, cfg: Config, device: torch.device,
+               world: int) -> torch.nn.Module:
+    """What the step runs: `step` (the loss module over `model`) with `model` sharded in place under
+    --fsdp, or `step` compiled and/or in DDP. Gradient checkpointing is switched on first, so FSDP
+    shards the checkpointed layers."""
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.model.fsdp and world > 1:
         shard(model, device, world)
-        return model
+        return step
     if cfg.model.compile:
-        model = torch.compile(model)
+        step = torch.compile(step)
     if world > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+    return step
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

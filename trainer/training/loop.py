@@ -171,16 +171,17 @@ def accumulate(run: Run, batches: list[list[int]]) -> tuple[float, int]:
     n_items = torch.tensor(n_tokens, device=run.device)
     loss_total = torch.zeros((), device=run.device)
     run.model.train()
+    # FSDP2's sync switch is on the sharded model itself; DDP's no_sync on its wrapper.
+    sync_target = run.raw_model if distributed.is_sharded(run.raw_model) else run.model
     for i, m in enumerate(micro):
         m = {k: v.to(run.device, non_blocking=True) for k, v in m.items()}
         last = i == len(micro) - 1
-        with distributed.grad_sync(run.model, sync=last), autocast(run):
-            # num_items_in_batch makes the model's loss a sum over tokens / n_tokens (not a per-batch mean);
-            # no KV cache is wanted in training (and gradient checkpointing warns about one on every rank).
-            out = run.model(**m, num_items_in_batch=n_items, use_cache=False)
-            # DDP and FSDP average gradients over processes; the loss is already global: undo the average.
-            (out.loss * run.world).backward()
-        loss_total += out.loss.detach().float()
+        # DDP and FSDP average gradients over processes; the loss is already global: undo the average.
+        with distributed.grad_sync(sync_target, sync=last), autocast(run):
+            # num_items_in_batch makes the loss a sum over tokens / n_tokens (not a per-batch mean).
+            loss = run.model(**m, num_items_in_batch=n_items)
+            (loss * run.world).backward()
+        loss_total += loss.detach().float()
     (loss_sum,) = all_sum(run, loss_total.item() * n_tokens)  # the step's one host sync for the loss
     return loss_sum, int(n_tokens)
 
@@ -216,9 +217,9 @@ def validate(run: Run) -> float | None:
         m = {k: v.to(run.device) for k, v in batch.items()}
         n = int((m["labels"][:, 1:] != -100).sum())
         with autocast(run):
-            out = run.raw_model(**m, num_items_in_batch=torch.tensor(n, device=run.device))
+            loss = run.loss_model(**m, num_items_in_batch=torch.tensor(n, device=run.device))
         if n:  # an FSDP filler batch (no labels) only keeps the ranks in step
-            loss_sum += out.loss.float().item() * n
+            loss_sum += loss.float().item() * n
             count += n
     loss_sum, count = all_sum(run, loss_sum, count)
     return loss_sum / count if count else None

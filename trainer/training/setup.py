@@ -36,6 +36,7 @@ from trainer.training.distributed import (
     is_sharded,
     wrap_model,
 )
+from trainer.training.loss import CausalLMLoss
 from trainer.training.models import (
     apply_lora,
     build_demo_model,
@@ -59,7 +60,8 @@ class Run:
     rank: int
     world: int
     model: torch.nn.Module
-    """What the step runs: the model, compiled and/or wrapped in DDP (or the model itself, sharded by FSDP)."""
+    """What the step runs: loss_model, compiled and/or wrapped in DDP; called with a batch, it returns the
+    loss (under FSDP, loss_model over the model sharded in place)."""
     raw_model: torch.nn.Module
     """The model itself, for saving, clipping and generation (sharded in place under FSDP: saving and
     generation then use a copy gathered on rank 0, trainer.training.distributed.gathered)."""
@@ -78,6 +80,8 @@ class Run:
     heldout: list[HeldoutPrompt] = field(default_factory=list)
     data_stats: dict = field(default_factory=dict)
     """Counts for training_metrics.json's `data` (examples, tokens, steps an epoch, ...)."""
+    loss_model: torch.nn.Module | None = None
+    """raw_model in the loss wrapper (trainer.training.loss), neither compiled nor in DDP: validation runs it."""
 
     @property
     def is_main(self) -> bool:
@@ -228,7 +232,12 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
                   f"{total} steps ({total / spe:.2f} epochs)")
 
     raw_model = model
-    model = wrap_model(model, cfg, device, world)  # under --fsdp the same object, sharded in place
+    loss_model = CausalLMLoss(raw_model)
+    if cfg.model.fsdp and world > 1:  # FSDP2's hooks are on the root's own forward: it must run
+        loss_model.fallback = "FSDP runs the sharded model's own forward"
+    if loss_model.fallback:
+        reporter.info(f"loss: the model's own forward, with full logits ({loss_model.fallback})")
+    model = wrap_model(raw_model, loss_model, cfg, device, world)  # under --fsdp raw_model is sharded in place
     optimizer = make_optimizer(raw_model, cfg)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=math.ceil(total * cfg.optim.warmup_ratio), num_training_steps=total,
@@ -243,9 +252,9 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
                  dropped=train_stats.dropped, train_tokens=train_stats.tokens, supervised_tokens=train_stats.supervised,
                  steps_per_epoch=spe, total_steps=total, grad_accum_steps=cfg.grad_accum_steps, world_size=world)
     return Run(cfg, run_dir, device, rank, world, model, raw_model, tokenizer, train,
-               validation_batches(val, cfg, tokenizer.pad_token_id, rank, world, lockstep=is_sharded(model)),
-               len(val), optimizer, scheduler,
-               total, spe, reporter, resume_from=resume_from, heldout=heldout, data_stats=stats)
+               validation_batches(val, cfg, tokenizer.pad_token_id, rank, world, lockstep=is_sharded(raw_model)),
+               len(val), optimizer, scheduler, total, spe, reporter, resume_from=resume_from, heldout=heldout,
+               data_stats=stats, loss_model=loss_model)
 
 
 def warn_contamination(reporter: Reporter, heldout: list, records: list[dict], templated: bool = False) -> None:

@@ -74,11 +74,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if want_h else None
-        # fp32 accumulators: each chunk's contribution is added at full precision.
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
+        # Accumulators in fp32 at least: each chunk's contribution is added at full precision.
+        acc = torch.promote_types(dtype, torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=acc) if want_w else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if want_b else None
         w = weight.to(dtype)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start, h, t, exps, sums in _chunks(hidden, w, bias, targets, chunk, dtype, total):
                 probs = exps.div_(sums)  # in place: the chunk's one buffer becomes its softmax
@@ -87,12 +88,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = probs.to(dtype)
                 if want_h:
                     grad_h[start:start + h.shape[0]] = g @ w
-                if want_w and g.dtype == torch.float32:
+                if want_w and g.dtype == grad_w.dtype:
                     grad_w.addmm_(g.t(), h)  # in place: no (vocabulary x hidden) temporary per chunk
                 elif want_w:
-                    grad_w += (g.t() @ h).float()
+                    grad_w += g.t() @ h
                 if want_b:
-                    grad_b += g.float().sum(0)
+                    grad_b += g.sum(0, dtype=grad_b.dtype)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total
@@ -111,11 +112,12 @@ def _chunks(hidden, w, bias, targets, chunk: int, dtype: torch.dtype, total: tor
     softmax, as Hugging Face's loss does; one fp32 buffer serves every chunk (a fresh one each time
     would be page-faulted in again), overwritten in place."""
     b = bias.to(dtype) if bias is not None else None
-    buffer = torch.empty((min(chunk, hidden.shape[0]), w.shape[0]), dtype=torch.float32, device=hidden.device)
+    acc = torch.promote_types(dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
+    buffer = torch.empty((min(chunk, hidden.shape[0]), w.shape[0]), dtype=acc, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
         logits = buffer[: h.shape[0]]
-        if dtype == torch.float32:
+        if dtype == acc:
             torch.mm(h, w.t(), out=logits) if b is None else torch.addmm(b, h, w.t(), out=logits)
         else:
             logits.copy_(h @ w.t() if b is None else torch.addmm(b, h, w.t()))
@@ -140,7 +142,7 @@ def supervised_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Lin
     if grads:
         total = _LinearCrossEntropy.apply(h, head.weight, head.bias, targets, chunk, dtype)
     else:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=hidden.device)
         with torch.autocast(device, enabled=False):
             for _ in _chunks(h, head.weight.to(dtype), head.bias, targets, chunk, dtype, total):
                 pass

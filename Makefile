@@ -40,6 +40,7 @@ chat: setup
 bench: setup
 	$(PYTHON) bench/train_throughput.py
 	$(PYTHON) bench/generation.py
+	$(PYTHON) bench/lm_eval_agreement.py
 
 tensorboard: setup
 	.venv/bin/tensorboard --logdir $(ROOT) --host 127.0.0.1 --port 6006

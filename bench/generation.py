@@ -1,10 +1,16 @@
 """Generation throughput: generate_batch (sorted, left-padded, KV-cached batches) against one prompt at
-a time through model.generate, on the same prompts and the same model, then the time to generate on and
-score Google's whole IFEval file the way `trainer eval` does.
+a time through model.generate, on the same prompts and the same model; the time to generate on and
+score Google's whole IFEval file the way `trainer eval` does; then `trainer eval`'s library path
+against lm-evaluation-harness's HF backend (its ifeval task, bench/lm_eval_agreement.py's setup) on
+the same checkpoint and prompts, greedy, the same max new tokens and batch size, in alternating rounds.
 
 The default model is the demo's tiny Llama, untrained (its tokenizer is trained on demo data), so it
 never says EOS and every answer runs to max_new_tokens: both sides do exactly the same number of
 decoding steps. With --checkpoint a trained model is used, and answers stop where it ends them.
+
+The lm-eval timing runs on --checkpoint, by default on SmolLM2-135M-Instruct's GGUF (converted once).
+Both sides have the model loaded before the clock starts; each side's time is generating and scoring
+(for lm-eval, the whole simple_evaluate call: a user pays its fixed costs on every run too).
 
     .venv/bin/python bench/generation.py [--checkpoint DIR] [--prompts 64] [--max_new_tokens 64]
 """
@@ -75,6 +81,50 @@ def batched(model, tokenizer, conversations, settings, batch_size) -> tuple[list
     return [g.text for g in gens], sum(g.new_tokens for g in gens), time.perf_counter() - start
 
 
+def against_lm_eval(checkpoint, prompts: list, max_new_tokens: int, batch_size: int, rounds: int,
+                    device: str) -> bool:
+    """Time heldout_samples against lm-eval's simple_evaluate (model="hf") on the same prompts, in
+    rounds of alternating order (ABBA...), after a warm-up; print the ratio. True when every response
+    is identical."""
+    from lm_eval_agreement import (
+        OFFLINE_NOTE,
+        lm_eval_side,
+        load_lm_eval,
+        load_stepwise,
+        stepwise_side,
+    )
+
+    loaded, ours_load = load_stepwise(checkpoint, device)
+    lm, theirs_load = load_lm_eval(checkpoint, batch_size, device)
+
+    def run(name: str, n: int, max_new: int):
+        return stepwise_side(loaded, prompts[:n], max_new, batch_size) if name == "ours" else \
+            lm_eval_side(lm, prompts[:n], max_new)
+
+    run("ours", 2, 4), run("theirs", 2, 4)  # warm-up: lazy imports, allocator growth, kernel selection
+    times = {"ours": 0.0, "theirs": 0.0}
+    sides = {}
+    for r in range(rounds):
+        for name in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
+            side = run(name, len(prompts), max_new_tokens)
+            times[name] += side.eval_s
+            if name in sides and sides[name].responses != side.responses:
+                raise RuntimeError(f"{side.name} answered differently in round {r + 1}: greedy is not deterministic")
+            sides[name] = side
+    a, b = sides["ours"], sides["theirs"]
+    same = sum(x == y for x, y in zip(a.responses, b.responses))
+    print(f"trainer eval vs lm-eval hf: {len(prompts)} IFEval prompts, greedy, max_new_tokens {max_new_tokens}, "
+          f"batch size {batch_size} on both, float32, {rounds} rounds alternating; {checkpoint}")
+    print(f"  ({OFFLINE_NOTE}; model load, not timed: trainer eval {ours_load:.1f} s, lm-eval hf {theirs_load:.1f} s)")
+    print(f"  trainer eval (heldout_samples):     {times['ours']:7.2f} s for {rounds} x {len(prompts)} prompts "
+          f"({a.tokens} tokens a round), generated and scored")
+    print(f"  lm-eval hf (simple_evaluate, hf):   {times['theirs']:7.2f} s for {rounds} x {len(prompts)} prompts, "
+          f"generated and scored")
+    print(f"  ratio trainer eval / lm-eval hf: {times['theirs'] / times['ours']:.2f}x (goal >= 3x)   "
+          f"responses identical: {'yes' if same == len(prompts) else 'NO'} ({same}/{len(prompts)})")
+    return same == len(prompts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="bench/generation.py", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a checkpoint folder instead of the untrained demo model")
@@ -83,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--ifeval_max_new_tokens", type=int, default=32, help="the cap for the IFEval-file timing")
     parser.add_argument("--skip_ifeval", action="store_true")
+    parser.add_argument("--lm_eval_prompts", type=int, default=32,
+                        help="prompts for the trainer eval vs lm-eval timing (the first N of the IFEval file)")
+    parser.add_argument("--lm_eval_max_new_tokens", type=int, default=64)
+    parser.add_argument("--lm_eval_batch_size", type=int, default=16, help="both sides' (trainer eval's default)")
+    parser.add_argument("--lm_eval_rounds", type=int, default=2, help="timed rounds per side, alternating order")
+    parser.add_argument("--skip_lm_eval", action="store_true")
     parser.add_argument("--device", default="cpu")
     # Both sides get the machine's cores, as a user's run would. One-at-a-time decoding is bound by
     # per-token overhead and gains nothing from a second thread; batched decoding does. On a machine
@@ -135,7 +191,21 @@ def main(argv: list[str] | None = None) -> int:
               f"max_new_tokens capped at {args.ifeval_max_new_tokens}, batch size {args.batch_size}, "
               f"{sum(r['new_tokens'] for r in rows)} tokens; prompt-level strict "
               f"{100 * summary['if_prompt_strict']:.1f} %)")
-    return 0 if same == len(seq_texts) else 1
+
+    agree = True
+    if not args.skip_lm_eval:
+        from lm_eval_agreement import default_prompts
+
+        from trainer.inference.gguf import smollm2_gguf
+
+        checkpoint = args.checkpoint or smollm2_gguf()
+        if checkpoint is None:
+            print("trainer eval vs lm-eval hf: skipped (no --checkpoint and SmolLM2's GGUF is not installed)")
+        else:
+            chosen = [p for p in load_prompts(default_prompts()) if p.instruction_id_list][: args.lm_eval_prompts]
+            agree = against_lm_eval(checkpoint, chosen, args.lm_eval_max_new_tokens, args.lm_eval_batch_size,
+                                    args.lm_eval_rounds, args.device)
+    return 0 if same == len(seq_texts) and agree else 1
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ Output is rich panels and tables when stdout is a terminal, else plain (or with 
 spot-check output is tab-separated: a header line, then one line per checkpoint in panel order:
 
     checkpoint  step  val_loss  n  if_prompt_strict  if_prompt_loose  if_inst_strict  if_inst_loose
-    rougeL  mean_length  distinct_2  eos_rate  path
+    rougeL  task_accuracy  mean_length  distinct_2  eos_rate  path
 
 `checkpoint` is `run/folder`; fractions are in [0, 1] with 4 decimals; `nan` where a value does not
 apply (no IFEval instructions among the prompts, no references, no val loss). Progress goes to stderr.
@@ -92,6 +92,8 @@ def check_lines(p: HeldoutPrompt, result: dict) -> str:
              for i, s, lo in zip(p.instruction_id_list, result["strict"], result["loose"])]
     if result["rougeL"] is not None:
         lines.append(f"rougeL {result['rougeL']:.3f}")
+    if result.get("correct") is not None:
+        lines.append(f"{'✓' if result['correct'] else '✗'} answer: {p.answer}")
     return "\n".join(lines)
 
 

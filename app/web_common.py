@@ -274,7 +274,7 @@ def constraints_html(instruction_ids: list[str], kwargs: list[dict] | None, refe
 
 
 def scores_html(scores: dict | None) -> str:
-    """Per-instruction pass/fail (strict, loose) and rougeL of one answer."""
+    """Per-instruction pass/fail (strict, loose), rougeL and task accuracy of one answer."""
     if not scores:
         return ""
     marks = []
@@ -287,6 +287,8 @@ def scores_html(scores: dict | None) -> str:
     tail = []
     if rouge is not None:
         tail.append(f"rougeL {rouge:.3f}")
+    if scores.get("correct") is not None:
+        tail.append("answer right" if scores["correct"] else "answer wrong")
     if scores.get("length") is not None:
         tail.append(f"{scores['length']} words")
     body = f"<ul class='sw-checks'>{''.join(marks)}</ul>" if marks else ""

@@ -35,7 +35,8 @@ CHUNK = 8  # prompts per batch, so the progress bar moves within a checkpoint
 def _mark(row: dict) -> str:
     checks = " ".join(("✓" if s else "✗") for s in row.get("strict") or [])
     rouge = f" rougeL {row['rougeL']:.2f}" if row.get("rougeL") is not None else ""
-    return f"{row.get('response', '')}\n[{checks or '-'}{rouge}]"
+    answer = "" if row.get("correct") is None else f" answer {'✓' if row['correct'] else '✗'}"
+    return f"{row.get('response', '')}\n[{checks or '-'}{rouge}{answer}]"
 
 
 def run_eval(cfg: WebConfig, cache, picks, prompt_file, n_prompts, max_new_tokens, progress):

@@ -30,7 +30,7 @@ METRIC_COLUMNS = (*SUMMARY_METRICS, "mean_length")
 CHECKPOINT_HEADERS = ["checkpoint", "step", "epoch", "val_loss", *METRIC_COLUMNS]
 
 
-PLOTTED = ("if_prompt_strict", "if_inst_strict", "if_prompt_loose", "rougeL")
+PLOTTED = ("if_prompt_strict", "if_inst_strict", "if_prompt_loose", "rougeL", "task_accuracy")
 
 
 def loss_figure(history: list[dict], checkpoint_steps: list[int], best_step: int | None,

@@ -45,7 +45,7 @@ def test_ifeval_input_loads_unchanged():
 def test_optional_fields_blank_lines_and_default_keys(tmp_path):
     path = write(
         tmp_path,
-        {"prompt": "Reverse a, b.", "reference": "b, a", "category": "reverse_list"},
+        {"prompt": "Reverse a, b.", "reference": "b, a", "answer": "b, a", "category": "reverse_list"},
         "",
         {"key": 7, "prompt": "Shout.", "instruction_id_list": ["change_case:english_capital"], "kwargs": [{}]},
         {"prompt": "No commas.", "instruction_id_list": ["punctuation:no_comma"]},
@@ -56,6 +56,7 @@ def test_optional_fields_blank_lines_and_default_keys(tmp_path):
     a, b, c, d = load_prompts(path)
     assert (a.key, a.line, a.reference, a.category, a.instruction_id_list, a.kwargs) == (
         "line-1", 1, "b, a", "reverse_list", [], [])
+    assert (a.answer, b.answer) == ("b, a", None)
     assert (b.key, b.line, b.reference) == ("7", 3, None)
     assert (c.key, c.kwargs) == ("line-4", [{}])
     assert d.kwargs == [{"num_bullets": 2, "keywords": None, "end_phrase": None}]
@@ -122,6 +123,8 @@ def test_missing_kwargs_would_be_random(tmp_path):
 def test_reference_must_be_text(tmp_path):
     path = write(tmp_path, {"prompt": "x", "reference": 3})
     assert error(path).startswith(f"{path}:1: `reference` must be a string")
+    path = write(tmp_path, {"prompt": "x", "answer": ["a"]})
+    assert error(path).startswith(f"{path}:1: `answer` must be a string")
 
 
 def test_duplicate_key(tmp_path):

@@ -34,7 +34,7 @@ HELDOUT = [
      "kwargs": [{}]},
     {"key": "short", "prompt": "what is two plus two?", "instruction_id_list": ["length_constraints:number_words"],
      "kwargs": [{"relation": "less than", "num_words": 5}]},
-    {"key": "ref", "prompt": "hello", "reference": "the sea is very blue today"},
+    {"key": "ref", "prompt": "hello", "reference": "the sea is very blue today", "answer": "The sea is very blue today."},
 ]
 
 
@@ -171,6 +171,7 @@ def test_spot_check_is_parseable(ckpts, heldout):
     # Each passes one of the two checks: caps for step 20, "fewer than 5 words" for step 10.
     assert float(early["if_inst_strict"]) == float(late["if_inst_strict"]) == 0.5
     assert float(early["rougeL"]) == 0.0 and float(late["rougeL"]) == 1.0
+    assert float(early["task_accuracy"]) == 0.0 and float(late["task_accuracy"]) == 1.0  # one prompt has an answer
     assert float(late["eos_rate"]) == 1.0
     assert late["path"].endswith("step-000020")
 

@@ -184,3 +184,29 @@ def test_summarize_without_instructions_or_finished():
                                       "rougeL", "distinct_2", "eos_rate"))
     with pytest.raises(ValueError):
         scoring.summarize([], finished=[True])
+
+
+@pytest.mark.parametrize(("response", "right"), [
+    ("The sorted list is: cat, dog.", True),
+    ('"THE SORTED LIST IS: CAT, DOG."', True),                          # quoted, capitalised
+    ("<<sorted list>>\nThe sorted list is:\n* cat\n* dog\nThat is all.", True),  # titled, bulleted
+    ("The sorted list is: cat; dog. Have a nice day.", True),           # no commas, more sentences
+    ('{"answer": "The sorted list is: cat, dog. Thanks."}', True),      # inside JSON
+    ("The sorted list is: cat, dog, owl.", False),                      # an extra item
+    ("The sorted list is:\n* cat\n* dog\n* owl", False),                # an extra bullet
+    ("The sorted list is: dog, cat.", False),                           # the wrong order
+    ("The sorted list is: cat.", False),                                # an item missing
+    ("", False),
+])
+def test_answer_correct_reads_the_content_whatever_its_form(response, right):
+    assert scoring.answer_correct("The sorted list is: cat, dog.", response) is right
+
+
+def test_task_accuracy_counts_only_prompts_with_an_answer():
+    with_answer = HeldoutPrompt("a", "What is 2 plus 3?", answer="The answer is 5.")
+    rows = [scoring.score_response(with_answer, "The answer is 5."),
+            scoring.score_response(with_answer, "The answer is 6."),
+            scoring.score_response(prompt([]), "anything")]
+    assert [r["correct"] for r in rows] == [True, False, None]
+    assert scoring.summarize(rows)["task_accuracy"] == pytest.approx(0.5)
+    assert scoring.summarize(rows[2:])["task_accuracy"] is None

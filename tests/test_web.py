@@ -125,6 +125,10 @@ def test_timeline_training_and_scores_render(demo_root):
     html = scores_html({"instruction_id_list": ["a", "b"], "strict": [True, False], "loose": [True, True],
                         "rougeL": 0.25, "length": 4})
     assert "a</code>: pass" in html and "b</code>: loose pass" in html and "rougeL 0.250" in html
+    assert "answer wrong" in scores_html({"correct": False, "length": 2}) and "answer" not in html
+    from app.web_training import CHECKPOINT_HEADERS
+
+    assert "task_accuracy" in CHECKPOINT_HEADERS  # the Training tab's per-checkpoint table
 
 
 def test_links_outside_the_root_are_left_out_and_never_shown(demo_root, capsys):

@@ -27,6 +27,7 @@ LABELS = {
     "if_inst_strict": ("IFEval instruction-level strict", "pct"),
     "if_inst_loose": ("IFEval instruction-level loose", "pct"),
     "rougeL": ("ROUGE-L F (vs reference)", "pct"),
+    "task_accuracy": ("task accuracy (states the answer)", "pct"),
     "mean_length": ("mean length (words)", "num"),
     "distinct_2": ("distinct bigrams", "pct"),
     "eos_rate": ("finished (EOS) rate", "pct"),

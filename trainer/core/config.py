@@ -23,8 +23,8 @@ from trainer.core.catalog import list_runs
 from trainer.core.errors import StepwiseError
 from trainer.core.resources import data_path, user_or_packaged
 
-# Metrics a best model can be chosen by, and whether higher is better. The IF metrics and rougeL
-# come from held-out generations at each checkpoint (`eval_prompts`).
+# Metrics a best model can be chosen by, and whether higher is better. The IF metrics, rougeL and
+# task_accuracy come from held-out generations at each checkpoint (`eval_prompts`).
 METRICS = {
     "val_loss": False,
     "if_prompt_strict": True,
@@ -32,6 +32,7 @@ METRICS = {
     "if_inst_strict": True,
     "if_inst_loose": True,
     "rougeL": True,
+    "task_accuracy": True,
 }
 
 
@@ -125,7 +126,7 @@ class EvalConfig:
     eval_prompts: str | None = arg(None, "Held-out prompt file generated on and scored at every checkpoint (samples.jsonl).")
     eval_num_prompts: int = arg(32, "How many held-out prompts (the first N) to generate on at each checkpoint.")
     eval_max_new_tokens: int = arg(96, "Generation length for the held-out prompts.")
-    metric_for_best_model: str = arg("val_loss", "What picks the best checkpoint and drives early stopping: val_loss, an IF metric or rougeL.")
+    metric_for_best_model: str = arg("val_loss", "What picks the best checkpoint and drives early stopping: val_loss, an IF metric, rougeL or task_accuracy.")
     early_stopping_patience: int | None = arg(None, "Stop after this many evaluations without an improvement larger than the threshold.")
     early_stopping_threshold: float = arg(0.0, "The absolute improvement over the best so far that counts as one.")
 

@@ -3,7 +3,8 @@ The schema is the README's "Held-out prompts and scores".
 
 A line carries `prompt` and any of `key`, `instruction_id_list` + `kwargs` (IFEval or IFBench checks:
 AllenAI's IFBench_test.jsonl uses the same schema and loads unchanged; each id picks its own
-benchmark's checker), `reference` (ROUGE-L) and `category`. Every mistake is a StepwiseError naming
+benchmark's checker), `reference` (ROUGE-L), `answer` (task accuracy: scoring.answer_correct) and
+`category`. Every mistake is a StepwiseError naming
 `file:line`, found at load time so that a long evaluation never dies on its last prompt.
 """
 
@@ -31,6 +32,9 @@ class HeldoutPrompt:
     """One dict of checker arguments per instruction id."""
     reference: str | None = None
     """Reference answer for ROUGE-L."""
+    answer: str | None = None
+    """The sentence a right answer states (task accuracy, scoring.answer_correct), whatever form the
+    constraints give it."""
     category: str | None = None
     """Free-form group name (the demo data's base task), for per-category reports."""
     line: int = 0
@@ -101,6 +105,7 @@ def _parse(row: Any, line: int, where: str) -> HeldoutPrompt:
         instruction_id_list=ids,
         kwargs=kwargs,
         reference=_optional_str(row, "reference", where),
+        answer=_optional_str(row, "answer", where),
         category=_optional_str(row, "category", where),
         line=line,
     )

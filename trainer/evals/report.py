@@ -15,10 +15,10 @@ def _pct(value) -> str:
 def results_table(entries: list[dict], title: str):
     from rich.table import Table
 
-    table = Table(title=title, caption="IF metrics, rougeL and EOS (answers that ended) in percent")
+    table = Table(title=title, caption="IF metrics, rougeL, task accuracy (answers that state the prompt's `answer`) and EOS (answers that ended) in percent")
     for name, justify in [("run", "left"), ("checkpoint", "left"), ("step", "right"), ("val loss", "right"),
                           ("prompt strict", "right"), ("prompt loose", "right"), ("inst strict", "right"),
-                          ("inst loose", "right"), ("rougeL", "right"), ("mean len", "right"), ("EOS", "right"),
+                          ("inst loose", "right"), ("rougeL", "right"), ("task acc", "right"), ("mean len", "right"), ("EOS", "right"),
                           ("from", "left")]:
         table.add_column(name, justify=justify, overflow="fold")
     for e in entries:
@@ -56,7 +56,8 @@ def plot_run(run_dir: Path, entries: list[dict], prompts_name: str) -> Path | No
     steps = [e["step"] for e in points]
     panels = [
         ("instruction following (%)", [(m, 100) for m in IF_METRICS]),
-        ("ROUGE-L, finished, distinct-2 (%)", [("rougeL", 100), ("eos_rate", 100), ("distinct_2", 100)]),
+        ("task accuracy, ROUGE-L, finished, distinct-2 (%)",
+         [("task_accuracy", 100), ("rougeL", 100), ("eos_rate", 100), ("distinct_2", 100)]),
         ("mean length (words)", [("mean_length", 1)]),
     ]
     fig = Figure(figsize=(15, 4.2))

@@ -1,5 +1,5 @@
-"""Scores for held-out responses: IFEval's and IFBench's checks (strict and loose), ROUGE-L, length
-and repetition.
+"""Scores for held-out responses: IFEval's and IFBench's checks (strict and loose), ROUGE-L, task
+accuracy (the prompt's `answer`, see answer_correct), length and repetition.
 
 The checks are if-verifiable's copies of Google's IFEval and AllenAI's IFBench checkers, one registry
 keyed by instruction id (trainer.evals.registry), driven the way both benchmarks' evaluation_lib.py
@@ -28,7 +28,7 @@ _WORD = re.compile(r"\w+")
 
 # The summary metrics every report shows, in this order (the prompt-file metrics in the README); summarize() also gives
 # n, mean_length, distinct_2 and eos_rate.
-SUMMARY_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose", "rougeL")
+SUMMARY_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose", "rougeL", "task_accuracy")
 IF_METRICS = SUMMARY_METRICS[:4]  # IFEval's four: prompt- and instruction-level, strict and loose
 
 def loose_variants(response: str) -> list[str]:
@@ -84,6 +84,36 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text)
 
 
+# A response's statements: split after a sentence's end and at line breaks, except a line break that
+# starts a bullet ("* x", "- x"), so a bulleted list stays with the line that introduces it.
+_STATEMENT_BREAK = re.compile(r"(?<=[.!?])\s+|\n(?![ \t]*[*-][ \t])")
+
+
+def _unwrapped(response: str) -> str:
+    """The text inside a JSON wrapping (the string values of a JSON object, or a JSON string), else the
+    response itself."""
+    import json
+
+    try:
+        value = json.loads(response)
+    except ValueError:
+        return response
+    if isinstance(value, dict):
+        value = "\n".join(v for v in value.values() if isinstance(v, str))
+    return value if isinstance(value, str) else response
+
+
+def answer_correct(answer: str, response: str) -> bool:
+    """Task accuracy's check: some statement of the response (a sentence or a line; a bulleted list
+    with the line before it), word for word, is the answer, ignoring case and punctuation. Inside
+    JSON, the string values are read. So "The sorted list is: cat, dog." is found in a quoted, capitalised,
+    bulleted or titled answer, but not in "The sorted list is: cat, dog, owl." (an extra item) or
+    "The sorted list is: dog, cat." (the wrong order)."""
+    want = [w.lower() for w in words(answer)]
+    return bool(want) and any([w.lower() for w in words(part)] == want
+                              for part in _STATEMENT_BREAK.split(_unwrapped(response.strip())))
+
+
 def score_response(p: HeldoutPrompt, response: str) -> dict[str, Any]:
     """Per-prompt scores; prompt_strict/loose are None when the prompt carries no instructions.
     "unverified" lists the instruction ids checked with a value the checker substituted for the one
@@ -91,7 +121,8 @@ def score_response(p: HeldoutPrompt, response: str) -> dict[str, Any]:
     "substituted" lists the instruction ids whose check ran on an offline stand-in for NLTK data
     (registry.SUBSTITUTES: the untrained sentence splitter, the embedded stop-word list, the
     first-word verb rule); empty otherwise. Both keep the order of instruction_id_list. "reference" is
-    the prompt's reference answer (None without one), kept so a stored sample shows what was wanted."""
+    the prompt's reference answer (None without one), kept so a stored sample shows what was wanted.
+    "correct" is answer_correct against the prompt's `answer` (None without one)."""
     strict, loose, unverified = _check(p.instruction_id_list, p.kwargs, response, p.prompt)
     has_checks = bool(p.instruction_id_list)
     return {
@@ -108,6 +139,7 @@ def score_response(p: HeldoutPrompt, response: str) -> dict[str, Any]:
         "unverified": unverified,
         "substituted": [i for i in p.instruction_id_list if i in SUBSTITUTES],
         "rougeL": rouge_l(p.reference, response) if p.reference is not None else None,
+        "correct": answer_correct(p.answer, response) if p.answer is not None else None,
         "length": len(words(response)),
     }
 
@@ -143,6 +175,7 @@ def summarize(results: Sequence[Mapping[str, Any]], finished: Sequence[bool] | N
         "if_inst_strict": _mean([float(x) for x in inst_strict]),
         "if_inst_loose": _mean([float(x) for x in inst_loose]),
         "rougeL": _mean([r["rougeL"] for r in results if r["rougeL"] is not None]),
+        "task_accuracy": _mean([float(r["correct"]) for r in results if r.get("correct") is not None]),
         "mean_length": _mean([r["length"] for r in results]),
         "distinct_2": distinct_2([r["response"] for r in results]),
         "eos_rate": _mean([float(bool(f)) for f in finished]) if finished is not None else None,

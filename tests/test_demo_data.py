@@ -63,11 +63,36 @@ def test_heldout_prompts_never_in_training(default_records):
             assert norm(p.prompt) not in training, (name, p.key)
 
 
-def test_reserved_items_never_in_training(default_records):
-    for r in default_records:
-        text = demo_data.prompt_text(r) + " " + r["output"]
-        assert not set(re.findall(r"[a-z]+", text.lower())) & tasks.RESERVED_WORDS, r
-        assert not set(re.findall(r"[A-Z][a-z]+", text)) & tasks.RESERVED_COUNTRIES, r
+def test_the_split_is_by_prompt_and_every_item_is_trained(default_records):
+    """No training prompt is a reserved one; every held-out prompt is reserved or a reserved combination;
+    every word, country and fact a held-out answer states occurs in training, so the answer is learnable."""
+    assert not any(tasks.is_reserved_prompt(demo_data.prompt_text(r)) for r in default_records)
+    training_words = {w for r in default_records
+                      for w in re.findall(r"\w+", (demo_data.prompt_text(r) + " " + r["output"]).lower())}
+    rows = [json.loads(line) for name in (demo_data.IFEVAL_FILE, demo_data.GENERAL_FILE)
+            for line in (demo_data.HELDOUT_DIR / name).read_text().splitlines()]
+    combos = {(task, ids) for task, ids in demo_data.RESERVED_COMBOS}
+    for row in rows:
+        combo = (row["category"], frozenset(row.get("instruction_id_list", [])))
+        held = tasks.is_reserved_prompt(row["prompt"]) or combo in combos
+        assert held, row["key"]
+        if row.get("answer"):
+            assert set(re.findall(r"\w+", row["answer"].lower())) <= training_words, row["key"]
+    assert set(tasks.VOCABULARY) <= training_words and {c.lower() for c in tasks.CAPITALS} <= training_words
+
+
+def test_every_heldout_answer_is_found_in_its_reference_and_only_there():
+    """The answer key is right for the file's own reference (whatever the constraints did to its form)
+    and wrong for another prompt's reference of the same task."""
+    rows = [p for name in (demo_data.IFEVAL_FILE, demo_data.GENERAL_FILE)
+            for p in load_prompts(demo_data.HELDOUT_DIR / name)]
+    answered = [p for p in rows if p.answer is not None]
+    assert len(answered) > 150 and {p.category for p in answered} == set(demo_data.TASKS) - {"list_items"}
+    assert all(p.answer is None and p.reference is None for p in rows if p.category == "list_items")
+    for p in answered:
+        assert scoring.answer_correct(p.answer, p.reference), p.key
+        others = [q for q in answered if q.category == p.category and q.answer != p.answer]
+        assert not any(scoring.answer_correct(p.answer, q.reference) for q in others), p.key
 
 
 def test_committed_files_equal_regeneration(tmp_path):

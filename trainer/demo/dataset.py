@@ -6,10 +6,11 @@ records, with one or two of IFEval's verifiable constraints, phrased in the inst
 phrases them. The responses are written to satisfy them, and every one is checked at generation time
 with `scoring.check_constraints`, so the generator and the scorer cannot disagree.
 
-Held out, never in training for any seed: every fifth word of the vocabulary (and so the table rows
-that name one), every fifth country, some arithmetic operand pairs, and a few (task, constraint
-combination) pairs. `build_heldout` draws the eval_prompts files from exactly those, so no held-out
-prompt can equal a training prompt.
+Held out, never in training for any seed: one prompt in eight (by a hash of its text,
+tasks.is_reserved_prompt) and a few (task, constraint combination) pairs. `build_heldout` draws the
+eval_prompts files from exactly those, so no held-out prompt can equal a training prompt. Every word,
+fact and operand pair is trained on (in other prompts), so a held-out prompt asks for content the model
+can learn: each held-out row carries an `answer` (tasks.answer_text), which task accuracy checks.
 
 Cost: 30,000 records take ~12 s on this project's two shared cores (fewer when they are idle), nearly
 all of it langdetect inside the asserted case checks (see CONSTRAINT_WEIGHTS).
@@ -31,11 +32,13 @@ from trainer.demo.tasks import (
     END_PHRASES,
     FILLERS,
     KEYWORDS,
+    POOLS,
+    TASK_WEIGHTS,
     TASKS,
     WORD_THRESHOLDS,
     Base,
-    make_pools,
-    uses_reserved_item,
+    answer_text,
+    is_reserved_prompt,
 )
 from trainer.evals import scoring
 
@@ -204,16 +207,15 @@ def prompt_text(record: dict[str, Any]) -> str:
 def build_examples(n: int = DEFAULT_RECORDS, seed: int = 0) -> list[dict[str, Any]]:
     """The training records with what made them: "task", "instruction_id_list" and "kwargs" as well."""
     rng = random.Random(seed)
-    pools = make_pools(heldout=False)
     tasks = sorted(TASKS)
     examples: list[dict[str, Any]] = []
     while len(examples) < n:
-        base = TASKS[rng.choice(tasks)](rng, pools)
+        base = TASKS[rng.choices(tasks, weights=[TASK_WEIGHTS[t] for t in tasks])[0]](rng, POOLS)
         ids = _draw_constraints(rng, base, _constraint_count(rng))
         if (base.task, ids) in RESERVED_COMBOS:
             continue
         example = _make(rng, base, ids)
-        if example is not None:
+        if example is not None and not is_reserved_prompt(prompt_text(example)):
             examples.append(example)
     return examples
 
@@ -223,13 +225,15 @@ def build_records(n: int = DEFAULT_RECORDS, seed: int = 0) -> list[dict[str, str
     return [{k: e[k] for k in ("instruction", "input", "output")} for e in build_examples(n, seed)]
 
 
-def _row(key: str, example: dict[str, Any], with_checks: bool, reference: bool) -> dict[str, Any]:
+def _row(key: str, example: dict[str, Any], with_checks: bool, base: Base) -> dict[str, Any]:
     row: dict[str, Any] = {"key": key, "prompt": prompt_text(example)}
     if with_checks:
         row["instruction_id_list"] = example["instruction_id_list"]
         row["kwargs"] = example["kwargs"]
-    if reference:
+    answer = answer_text(base)
+    if answer is not None:  # list_items answers are one pick among many: no reference, no answer
         row["reference"] = example["output"]
+        row["answer"] = answer
     row["category"] = example["task"]
     return row
 
@@ -238,14 +242,15 @@ def build_heldout(n_ifeval: int = 150, n_general: int = 50, seed: int = HELDOUT_
                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows of eval_prompts/demo_ifeval.jsonl and demo_general.jsonl (the README's "Held-out prompts and scores").
 
-    IFEval-style rows carry 1-2 constraints and are held out by a reserved item (half of them) or a
-    reserved (task, constraint set) pair; general rows have no constraints, a reserved item and a
-    reference. Tasks are taken in turn so that each is equally represented.
+    IFEval-style rows carry 1-2 constraints and are held out by a reserved (task, constraint set) pair
+    (half of them) or by a reserved prompt (tasks.is_reserved_prompt); general rows have no constraints
+    and a reserved prompt. Rows other than list_items carry a reference and an answer. IFEval-style
+    rows take the tasks in turn, so each is equally represented; general rows draw theirs at random
+    (a lookup or a letter count has only a handful of reserved bare prompts).
     """
     rng = random.Random(seed)
-    pools = make_pools(heldout=True)
-    # list_items prompts name no item, so only a reserved combination can hold them out.
-    item_tasks = sorted(t for t in TASKS if t != "list_items")
+    tasks = sorted(TASKS)
+    answered = [t for t in tasks if t != "list_items"]  # general rows are scored by their reference
     combos = sorted(RESERVED_COMBOS, key=lambda c: (c[0], sorted(c[1])))
     seen: set[str] = set()
     ifeval: list[dict[str, Any]] = []
@@ -253,28 +258,27 @@ def build_heldout(n_ifeval: int = 150, n_general: int = 50, seed: int = HELDOUT_
     for _attempt in range(100 * (n_ifeval + n_general)):
         if len(ifeval) < n_ifeval and len(ifeval) % 2 == 0:
             task, ids = rng.choice(combos)
-            base = TASKS[task](rng, pools)
+            base = TASKS[task](rng, POOLS)
         elif len(ifeval) < n_ifeval:
-            base = TASKS[item_tasks[len(ifeval) // 2 % len(item_tasks)]](rng, pools)
+            base = TASKS[tasks[len(ifeval) // 2 % len(tasks)]](rng, POOLS)
             ids = _draw_constraints(rng, base, rng.choice((1, 2)))
         elif len(general) < n_general:
-            base = TASKS[item_tasks[len(general) % len(item_tasks)]](rng, pools)
+            base = TASKS[rng.choice(answered)](rng, POOLS)  # some tasks have few bare prompts
             ids = frozenset()
         else:
             break
-        if (base.task, ids) not in RESERVED_COMBOS and not uses_reserved_item(base):
-            continue
         example = _make(rng, base, ids)
         if example is None or _normalise(prompt_text(example)) in seen:
             continue
+        if (base.task, ids) not in RESERVED_COMBOS and not is_reserved_prompt(prompt_text(example)):
+            continue
         seen.add(_normalise(prompt_text(example)))
         if ids:
-            # list_items answers are one pick among many: a reference would measure luck, not quality.
-            ifeval.append(_row(f"demo-ifeval-{len(ifeval) + 1:03d}", example, True, base.task != "list_items"))
+            ifeval.append(_row(f"demo-ifeval-{len(ifeval) + 1:03d}", example, True, base))
         else:
-            general.append(_row(f"demo-general-{len(general) + 1:03d}", example, False, True))
+            general.append(_row(f"demo-general-{len(general) + 1:03d}", example, False, base))
     else:
-        raise RuntimeError("build_heldout: the reserved items are too few for the rows asked for")
+        raise RuntimeError("build_heldout: the reserved prompts are too few for the rows asked for")
     return ifeval, general
 
 

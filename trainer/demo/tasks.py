@@ -1,11 +1,12 @@
 """The demo's base tasks and the vocabulary they draw from: reverse or sort a list, count letters,
-arithmetic, rewrite a sentence, list items, look up a fact. Every fifth word, country and a band of
-operands is reserved for the held-out prompts, so no held-out item is ever trained on."""
+arithmetic, rewrite a sentence, list items, look up a fact. Every word, fact and operand pair is
+trained on; what is held out is whole prompts (see `is_reserved_prompt`), so a held-out prompt asks
+for something the model can know, in words it has never seen together."""
 
 from __future__ import annotations
 
 import random
-import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,17 +63,14 @@ FILLERS = ("I hope this answer helps you.", "This is a short and simple answer."
 WORD_THRESHOLDS = (10, 15, 20, 25, 30, 35, 40, 50, 60, 80, 100)
 
 
-def _every_fifth(items: list[str]) -> frozenset[str]:
-    return frozenset(sorted(items)[2::5])
+RESERVED_SHARE = 8
+"""One prompt in this many is held out: never trained on, for any seed."""
 
 
-RESERVED_WORDS = _every_fifth(list(VOCABULARY))
-RESERVED_COUNTRIES = _every_fifth(list(CAPITALS))
-
-
-def _reserved_operands(a: int, b: int) -> bool:
-    # Symmetric, because "minus" swaps its operands to stay non-negative.
-    return (a + b + a * b) % 9 == 4
+def is_reserved_prompt(text: str) -> bool:
+    """Whether a prompt (its user message) belongs to the held-out side: a stable hash of its
+    lower-cased, whitespace-collapsed text, so the split needs no list and holds for every seed."""
+    return zlib.crc32(" ".join(text.lower().split()).encode()) % RESERVED_SHARE == 0
 
 
 # ---- base tasks -------------------------------------------------------------------------------------
@@ -98,24 +96,31 @@ class Base:
 
 @dataclass(frozen=True)
 class Pools:
-    """What a generator may draw from: the training or the held-out side of the split."""
+    """What a generator draws from."""
 
     words: tuple[str, ...]
     countries: tuple[str, ...]
     operands: tuple[tuple[int, int], ...]
 
 
+POOLS = Pools(words=VOCABULARY, countries=tuple(CAPITALS),
+              operands=tuple((a, b) for a in range(1, 10) for b in range(1, 10)))
+
+
 def _reverse(rng: random.Random, pools: Pools) -> Base:
+    # The list goes in the instruction, after a colon: every item then follows a space, as in the
+    # answer, so its token is the one the answer repeats (after a line break it would be another).
     items = rng.sample(pools.words, rng.randint(3, 5))
-    return Base("reverse_list", rng.choice(("Reverse the order of this list.", "Write this list backwards.")),
-                ", ".join(items), "The reversed list is:", tuple(reversed(items)), "reversed list")
+    ask = rng.choice(("Reverse the order of this list", "Write this list backwards"))
+    return Base("reverse_list", f"{ask}: {', '.join(items)}.", "", "The reversed list is:", tuple(reversed(items)),
+                "reversed list")
 
 
 def _sort(rng: random.Random, pools: Pools) -> Base:
     items = rng.sample(pools.words, rng.randint(3, 5))
-    return Base("sort_list", rng.choice(("Sort these words in alphabetical order.",
-                                         "Put this list in alphabetical order.")),
-                ", ".join(items), "The sorted list is:", tuple(sorted(items)), "sorted list")
+    ask = rng.choice(("Sort these words in alphabetical order", "Put this list in alphabetical order"))
+    return Base("sort_list", f"{ask}: {', '.join(items)}.", "", "The sorted list is:", tuple(sorted(items)),
+                "sorted list")
 
 
 def _count_letters(rng: random.Random, pools: Pools) -> Base:
@@ -172,24 +177,17 @@ TASKS: dict[str, Callable[[random.Random, Pools], Base]] = {
     "reverse_list": _reverse, "sort_list": _sort, "count_letters": _count_letters,
     "arithmetic": _arithmetic, "rewrite": _rewrite, "list_items": _list_items, "lookup": _lookup,
 }
+# How often each task is drawn for training: the ones a small model learns last (copying a list in
+# another order, the 243 arithmetic facts) twice as often as the others. (Three times as often for the
+# lists gave the same 70% task accuracy at step 2,400.)
+TASK_WEIGHTS = {"reverse_list": 2, "sort_list": 2, "arithmetic": 2, "count_letters": 1, "rewrite": 1,
+                "list_items": 1, "lookup": 1}
 
 
-def make_pools(heldout: bool) -> Pools:
-    """Training side: nothing reserved. Held-out side: everything (a row is kept only if it needs it)."""
-    keep = (lambda reserved: True) if heldout else (lambda reserved: not reserved)
-    operands = [(a, b) for a in range(1, 13) for b in range(1, 13)]
-    return Pools(words=tuple(w for w in VOCABULARY if keep(w in RESERVED_WORDS)),
-                 countries=tuple(c for c in CAPITALS if keep(c in RESERVED_COUNTRIES)),
-                 operands=tuple(p for p in operands if keep(_reserved_operands(*p))))
-
-
-def uses_reserved_item(base: Base) -> bool:
-    """Whether the prompt can never occur in training: it names a reserved item, or (a table lookup)
-    its one right answer does. A list_items answer is one pick among many, so it does not count."""
-    text = " ".join((base.instruction, base.input, base.lead if base.task == "lookup" else ""))
-    if any(w in RESERVED_WORDS for w in re.findall(r"[a-z]+", text.lower())):
-        return True
-    if any(c in RESERVED_COUNTRIES for c in re.findall(r"[A-Z][a-z]+", base.instruction)):
-        return True
-    match = re.fullmatch(r"What is (\d+) \w+ (\d+)\?", base.instruction)
-    return bool(match) and _reserved_operands(int(match[1]), int(match[2]))
+def answer_text(base: Base) -> str | None:
+    """The content a right answer states, whatever the constraints do to its form: the answer
+    sentence, or the lead and the items in order. None for list_items, whose answer is one pick
+    among many."""
+    if base.task == "list_items":
+        return None
+    return f"{base.lead} {', '.join(base.items)}." if base.items else base.lead

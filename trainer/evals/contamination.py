@@ -4,7 +4,7 @@ Exact: equal after lower-casing and collapsing whitespace. Near: the share of a 
 word n-grams (lower-cased \\w+ words, n=13 as in GPT-3 by default) that occur anywhere in the training prompts
 reaches the threshold (0.8, Llama 2's "contaminated" cut-off), the overlap measure of those studies.
 Templated data (the demo) shares its wording across prompts, so some of its held-out prompts count as
-near-duplicates although their items never occur in training: the warning says how many are exact.
+near-duplicates although no held-out prompt occurs in training: the warning says how many are exact.
 The training n-grams are hashed into one dict once, so a check is a single pass over each side.
 A prompt shorter than n words has no n-grams and is checked for exact copies only.
 """
@@ -87,7 +87,7 @@ def warn(found: dict, console=None, source: str = "the training data", templated
     if templated and not found["exact"]:
         console.print(f"[dim]note: {len(found['near'])} of {found['heldout_prompts']} held-out prompts share template "
                       f"wording with {source} ({found['n']}-gram overlap >= {found['threshold']:.0%}); none is an exact "
-                      "copy, and their items are held out[/]")
+                      "copy: each is a whole prompt the demo never trains on[/]")
         return
     first = ", ".join(found["keys"][:5]) + (" ..." if found["count"] > 5 else "")
     console.print(f"[yellow]warning:[/] {found['count']} of {found['heldout_prompts']} held-out prompt(s) also "

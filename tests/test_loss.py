@@ -163,6 +163,21 @@ def test_bf16_autocast_computes_the_cross_entropy_in_fp32():
     assert torch.nn.functional.cosine_similarity(ours[1][head].flatten(), theirs[1][head].flatten(), dim=0) > 0.999
 
 
+def test_an_lm_head_with_a_bias_phi():
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    model = PhiForCausalLM(PhiConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0))
+    assert model.lm_head.bias is not None
+    batch, n = literal_batch(), torch.tensor(SUPERVISED)
+    wrapper = CausalLMLoss(model, chunk_size=4)
+    assert wrapper.fallback is None
+    ours, theirs = loss_and_grads(wrapper, model, batch, n), loss_and_grads(hf(model), model, batch, n)
+    assert theirs[1]["lm_head.bias"].abs().max() > 0
+    assert_same(ours, theirs)
+
+
 def test_models_that_change_their_logits_keep_their_own_forward():
     from transformers import (
         CohereConfig,

@@ -222,9 +222,9 @@ def main(argv: list[str]) -> int:
     targets = expand(args.checkpoints, args.root)
     bases = BaseModels()  # the adapters of one run load their base once
 
-    # Piped output (tests, logs, `| tee`) gets a table wide enough for its twelve columns.
-    out = Console() if sys.stdout.isatty() else Console(width=150)
-    err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=150)
+    # Piped output (tests, logs, `| tee`) gets a table wide enough for its thirteen columns unfolded.
+    out = Console() if sys.stdout.isatty() else Console(width=200)
+    err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
     for run_dir in dict.fromkeys(t.run_dir for t in targets if t.run_dir is not None):
         found = run_contamination(run_dir, prompts, prompts_sha, err)
         if found is not None:

@@ -1,5 +1,5 @@
 """The MFU arithmetic of bench/train_throughput.py: a Llama's training FLOPs per token, and the matmul
-peak of this machine measured at that model's own GEMM shapes (fp32, forward and backward forms)."""
+peak of this machine measured at that model's own GEMM shapes (fp32 or bf16, forward and backward forms)."""
 
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ def linear_shapes(config) -> list[tuple[int, int, int]]:
             (h, config.vocab_size, 1)]  # lm_head
 
 
-def gemm_peak(config, tokens: int, repeats: int = 3) -> float:
+def gemm_peak(config, tokens: int, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of this model's GEMMs on this machine, now: each linear layer's forward (X W^T) and backward
     (dY W, dY^T X) matmul at `tokens` rows, the best of `repeats` each, combined as total FLOPs over total
-    time weighted by how often the model runs each shape (so the head counts once, a block shape per layer)."""
+    time weighted by how often the model runs each shape (so the head counts once, a block shape per layer),
+    in `dtype` (bf16 is what autocast runs the matmuls in)."""
     flops = seconds = 0.0
     for n_in, n_out, count in linear_shapes(config):
-        x, w, dy = torch.randn(tokens, n_in), torch.randn(n_out, n_in), torch.randn(tokens, n_out)
+        x, w, dy = (torch.randn(*shape, dtype=dtype) for shape in ((tokens, n_in), (n_out, n_in), (tokens, n_out)))
         for form in (lambda: torch.nn.functional.linear(x, w), lambda: dy @ w, lambda: dy.t() @ x):
             best = float("inf")  # the best call, not the first: that one also picks and warms its kernel
             for _ in range(repeats):

@@ -113,11 +113,13 @@ def trainer_class(base, order: list[int]):
 
 def common_args(plan: dict, steps: int) -> dict:
     """TrainingArguments shared by the Hugging Face sides: Stepwise's optimizer settings (fused AdamW,
-    beta2 0.95, no decay, clipping at 1, a constant learning rate), fp32 on CPU, nothing logged or saved."""
+    beta2 0.95, no decay, clipping at 1, a constant learning rate), fp32 or bf16 autocast (Trainer's bf16=True
+    on CPU is torch.autocast("cpu", bfloat16), as Stepwise's --dtype bf16), nothing logged or saved."""
     return dict(per_device_train_batch_size=plan["mini_batch_size"], max_steps=steps, learning_rate=plan["lr"],
                 lr_scheduler_type="constant", adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
                 optim="adamw_torch_fused", save_strategy="no", report_to=[], logging_strategy="no",
-                disable_tqdm=True, use_cpu=True, seed=plan["seed"], dataloader_num_workers=0)
+                disable_tqdm=True, use_cpu=True, seed=plan["seed"], dataloader_num_workers=0,
+                bf16=plan.get("dtype") == "bf16")
 
 
 def run_hf(plan: dict, examples: list[dict], warmup: list[list[int]], timed: list[list[int]], name: str) -> dict:
@@ -137,9 +139,10 @@ def run_hf(plan: dict, examples: list[dict], warmup: list[list[int]], timed: lis
             # Pre-tokenised input_ids + labels (-100 on the prompt): TRL keeps a given labels column as is,
             # which is its completion-only loss on exactly Stepwise's supervised tokens. padding_free flattens
             # each batch into one row (else its collator pads it); max_length None because the examples are
-            # already cut at the context. Its defaults of gradient checkpointing and bf16 are turned off.
+            # already cut at the context. Its default of gradient checkpointing is turned off, its bf16 default
+            # replaced by the plan's dtype (common_args).
             args = SFTConfig(output_dir=tmp, padding_free=name == "trl-sft-padding-free", max_length=None,
-                             packing=False, gradient_checkpointing=False, bf16=False, **common_args(plan, steps))
+                             packing=False, gradient_checkpointing=False, **common_args(plan, steps))
             trainer = trainer_class(SFTTrainer, order)(model=model, args=args, train_dataset=dataset,
                                                        processing_class=tokenizer)
         else:

@@ -22,7 +22,7 @@ own prompt/completion tokenisation could split tokens differently at the boundar
 
 Fair by construction: every side starts from the same weights (one saved folder), trains the same
 tokenised examples (Stepwise's tokenisation, written once; the stepwise side checks its own equals it)
-in the same batches, in fp32, mini batch 8, the same number of optimizer steps, with the same AdamW
+in the same batches, in fp32 (or all in bf16 autocast: --dtype bf16), mini batch 8, the same number of optimizer steps, with the same AdamW
 settings (fused, betas 0.9/0.95, no decay, clipping at 1, a constant learning rate). The batches are
 Stepwise's length-grouped ones: Trainer is handed them rather than drawing its own LengthGroupedSampler's,
 so that the same examples meet in the same steps and the losses compare (the printed non-padding shares
@@ -43,10 +43,11 @@ MFU = non-padding tok/s x FLOPs per token / peak. FLOPs per token = 6 x (paramet
 embedding, plus the LM head) + 12 x layers x hidden x the token-weighted mean example length (attention,
 PaLM's appendix B); padding is not useful work. The peak is measured in this run at the model's own GEMM
 shapes (every linear layer's forward and two backward matmuls, at a timed batch's padded token count,
-fp32, best of 3 each, weighted by how often the model runs each shape).
+in the bench's dtype, best of 3 each, weighted by how often the model runs each shape).
 
     .venv/bin/python bench/train_throughput.py [--shapes demo,smollm2] [--steps N] [--rounds 2] [--warmup N]
         [--smollm2 auto|real|config] [--quick] [--dataset FILE] [--context_length 512] [--mini_batch_size 8]
+        [--dtype fp32|bf16]
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ SMOLLM2_SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
 # timed step a round, each side's steps on the very same batches (so batch-to-batch cost cancels in the ratios).
 SHAPES = {"demo": dict(steps=6, warmup=2, lr=1e-3), "smollm2": dict(steps=1, warmup=1, lr=2e-5)}
 SEED = 42
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def model_folder(shape: str, args, work: Path) -> tuple[Path, str]:
@@ -122,12 +124,12 @@ def model_folder(shape: str, args, work: Path) -> tuple[Path, str]:
 
 
 def stepwise_args(args, folder: Path, lr: float) -> list[str]:
-    """The `python -m trainer train` flags of the stepwise side: one micro-batch a step, fp32, constant lr."""
+    """The `python -m trainer train` flags of the stepwise side: one micro-batch a step, --dtype, constant lr."""
     b, c = args.mini_batch_size, args.context_length
     return ["--dataset", args.dataset, "--pretrained_model", str(folder), "--context_length", str(c),
             "--mini_batch_size", str(b), "--total_batch_size", str(b * c), "--learning_rate", str(lr),
             "--warmup_ratio", "0", "--min_lr_ratio", "1", "--weight_decay", "0", "--max_grad_norm", "1",
-            "--dtype", "fp32", "--seed", str(SEED), "--run_name", "bench", "--use_tensorboard", "false",
+            "--dtype", args.dtype, "--seed", str(SEED), "--run_name", "bench", "--use_tensorboard", "false",
             "--progress", "false", "--eval_prompts", "none", "--eval_max_batches", "1", "--demo_records", "4000"]
 
 
@@ -188,12 +190,12 @@ def prepare(shape: str, args, work: Path) -> tuple[Path, dict]:
                  layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, vocab=cfg.vocab_size,
                  params=sum(p.numel() for p in run.raw_model.parameters()), matmul_params=matmul_params(run.raw_model),
                  fpt=flops_per_token(run.raw_model, attended), attended=attended, shares=shares(lengths, b, epoch),
-                 gemm_rows=gemm_rows, peak=gemm_peak(cfg, gemm_rows, repeats=2 if args.quick else 3))
+                 gemm_rows=gemm_rows, peak=gemm_peak(cfg, gemm_rows, repeats=2 if args.quick else 3, dtype=DTYPES[args.dtype]))
     del run
     gc.collect()
     (work / "examples.json").write_text(json.dumps(examples))
     plan = dict(model_dir=str(folder), examples=str(work / "examples.json"), stepwise_args=flags,
-                mini_batch_size=b, lr=settings["lr"], seed=SEED, threads=args.threads, warmup=[epoch[k] for k in short],
+                mini_batch_size=b, lr=settings["lr"], seed=SEED, dtype=args.dtype, threads=args.threads, warmup=[epoch[k] for k in short],
                 rounds=rounds)
     (work / "plan.json").write_text(json.dumps(plan))
     return work / "plan.json", facts
@@ -233,7 +235,7 @@ def report(facts: dict, sides: dict[str, dict], args) -> None:
           f"{f['timed_tokens']:,.0f} tokens on average (an epoch's step {f['epoch_tokens']:,.0f})")
     print(f"non-padding share over an epoch: {shares_text}; every side trains Stepwise's batches "
           f"(hf-trainer-default: the same examples in random batches)")
-    print(f"GEMM peak {f['peak'] / 1e9:.1f} GFLOP/s (fp32, this model's matmuls at {f['gemm_rows']:,} rows, forward "
+    print(f"GEMM peak {f['peak'] / 1e9:.1f} GFLOP/s ({args.dtype}, this model's matmuls at {f['gemm_rows']:,} rows, forward "
           f"and backward, measured now); {f['fpt'] / 1e6:,.1f} MFLOP per token (6 x {f['matmul_params'] / 1e6:.2f}M "
           f"+ attention over {f['attended']:.0f} tokens)")
     base = sides["stepwise"]
@@ -280,6 +282,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, help="timed steps per side per round (default: demo 6, smollm2 1)")
     parser.add_argument("--warmup", type=int, help="untimed steps before each round (default: demo 2, smollm2 1)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating the sides")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="every side's compute dtype: fp32, or bf16 autocast (fp32 weights; AMX where the CPU has it)")
     parser.add_argument("--quick", action="store_true",
                         help="the smoke-test size: demo shape, context 128, 1 round of 1 warm-up + 2 timed steps")
     args = parser.parse_args(argv)

@@ -61,10 +61,11 @@ def test_quick_bench_prints_every_side_with_equal_numerics(small_alpaca):
     assert "GEMM peak" in out and "non-padding share" in out, out
 
 
-def test_bad_shape_is_one_line_exit_2():
-    proc = run_bench("--shapes", "demo,gpt5", timeout=120)
+@pytest.mark.parametrize("flag,value", [("--shapes", "demo,gpt5"), ("--dtype", "fp16")])
+def test_bad_flag_is_one_line_exit_2(flag, value):
+    proc = run_bench(flag, value, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "--shapes" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and flag in proc.stderr, proc.stderr
     assert proc.stdout == ""
 
 

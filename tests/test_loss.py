@@ -77,7 +77,7 @@ def test_loss_and_every_gradient_equal_hugging_faces(tied, chunk):
 
 def test_with_gradient_checkpointing_too():
     model, batch = tiny_llama(True), literal_batch()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     n = torch.tensor(SUPERVISED)
     assert_same(loss_and_grads(CausalLMLoss(model, chunk_size=4), model, batch, n),
                 loss_and_grads(hf(model), model, batch, n))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import Counter
 
@@ -47,6 +48,21 @@ def test_every_response_passes_its_constraints_checked_again():
     used = Counter(i for e in constrained for i in e["instruction_id_list"])
     assert set(used) == set(demo_data.CONSTRAINT_IDS)
     assert {e["task"] for e in examples} == set(demo_data.TASKS)
+
+
+def test_a_list_comes_last_in_its_prompt_each_item_after_a_space():
+    """A reverse or sort prompt ends with its list ("List: a, b, c."), after every constraint sentence,
+    each item after a space as in the answer (so the answer repeats the list's very tokens), and the
+    answer's items are the list's, reversed or sorted."""
+    for name, order in (("reverse_list", lambda xs: tuple(reversed(xs))), ("sort_list", lambda xs: tuple(sorted(xs)))):
+        for seed in range(100):
+            base = tasks.TASKS[name](random.Random(seed), tasks.POOLS)
+            listed = re.fullmatch(r"List: ((?:\w+, )+\w+)\.", base.input)
+            assert listed and ":" not in base.instruction, base
+            assert base.items == order(listed[1].split(", ")), base
+    examples = [e for e in demo_data.build_examples(600, seed=2) if e["task"] in ("reverse_list", "sort_list")]
+    assert len(examples) > 50 and sum(bool(e["instruction_id_list"]) for e in examples) > 25
+    assert all(demo_data.prompt_text(e).endswith("\n\n" + e["input"]) for e in examples)
 
 
 def test_records_are_short(default_records):

@@ -107,20 +107,26 @@ POOLS = Pools(words=VOCABULARY, countries=tuple(CAPITALS),
               operands=tuple((a, b) for a in range(1, 10) for b in range(1, 10)))
 
 
+def _listed(items: list[str]) -> str:
+    """A list task's input: the words after "List:", so every item follows a space, as in the answer
+    (its token is the one the answer repeats; after the line break it would be another). The list comes
+    last, after the constraint sentences, right before the answer, so the next item to copy is always
+    about the same distance back. With the list inside the instruction, before 0-2 constraint
+    sentences, the demo model repeated items ("mouse, saw, saw"): at step 2,400, 4 of 22 held-out
+    reversals were right, and 16 of 21 this way (2026-12-02, the 150 held-out prompts of each layout)."""
+    return f"List: {', '.join(items)}."
+
+
 def _reverse(rng: random.Random, pools: Pools) -> Base:
-    # The list goes in the instruction, after a colon: every item then follows a space, as in the
-    # answer, so its token is the one the answer repeats (after a line break it would be another).
     items = rng.sample(pools.words, rng.randint(3, 5))
-    ask = rng.choice(("Reverse the order of this list", "Write this list backwards"))
-    return Base("reverse_list", f"{ask}: {', '.join(items)}.", "", "The reversed list is:", tuple(reversed(items)),
-                "reversed list")
+    ask = rng.choice(("Reverse the order of this list.", "Write this list backwards."))
+    return Base("reverse_list", ask, _listed(items), "The reversed list is:", tuple(reversed(items)), "reversed list")
 
 
 def _sort(rng: random.Random, pools: Pools) -> Base:
     items = rng.sample(pools.words, rng.randint(3, 5))
-    ask = rng.choice(("Sort these words in alphabetical order", "Put this list in alphabetical order"))
-    return Base("sort_list", f"{ask}: {', '.join(items)}.", "", "The sorted list is:", tuple(sorted(items)),
-                "sorted list")
+    ask = rng.choice(("Sort these words in alphabetical order.", "Put this list in alphabetical order."))
+    return Base("sort_list", ask, _listed(items), "The sorted list is:", tuple(sorted(items)), "sorted list")
 
 
 def _count_letters(rng: random.Random, pools: Pools) -> Base:
@@ -178,8 +184,9 @@ TASKS: dict[str, Callable[[random.Random, Pools], Base]] = {
     "arithmetic": _arithmetic, "rewrite": _rewrite, "list_items": _list_items, "lookup": _lookup,
 }
 # How often each task is drawn for training: the ones a small model learns last (copying a list in
-# another order, the 243 arithmetic facts) twice as often as the others. (Three times as often for the
-# lists gave the same 70% task accuracy at step 2,400.)
+# another order, the 243 arithmetic facts) twice as often as the others. (Four times as often for
+# sorting gave 72.6% task accuracy at step 2,400 on the 150 held-out prompts, against 78.8%: sorting
+# 6 of 17 instead of 3, reversing 11 of 21 instead of 16.)
 TASK_WEIGHTS = {"reverse_list": 2, "sort_list": 2, "arithmetic": 2, "count_letters": 1, "rewrite": 1,
                 "list_items": 1, "lookup": 1}
 

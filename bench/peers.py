@@ -119,7 +119,7 @@ def common_args(plan: dict, steps: int) -> dict:
                 lr_scheduler_type="constant", adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
                 optim="adamw_torch_fused", save_strategy="no", report_to=[], logging_strategy="no",
                 disable_tqdm=True, use_cpu=True, seed=plan["seed"], dataloader_num_workers=0,
-                bf16=plan.get("dtype") == "bf16")
+                bf16=plan["dtype"] == "bf16")
 
 
 def run_hf(plan: dict, examples: list[dict], warmup: list[list[int]], timed: list[list[int]], name: str) -> dict:

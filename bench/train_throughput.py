@@ -22,9 +22,9 @@ own prompt/completion tokenisation could split tokens differently at the boundar
 
 Fair by construction: every side starts from the same weights (one saved folder), trains the same
 tokenised examples (Stepwise's tokenisation, written once; the stepwise side checks its own equals it)
-in the same batches, in fp32 (or all in bf16 autocast: --dtype bf16), mini batch 8, the same number of optimizer steps, with the same AdamW
-settings (fused, betas 0.9/0.95, no decay, clipping at 1, a constant learning rate). The batches are
-Stepwise's length-grouped ones: Trainer is handed them rather than drawing its own LengthGroupedSampler's,
+in the same batches, in fp32 (or all in bf16 autocast: --dtype bf16), mini batch 8, the same number of
+optimizer steps, with the same AdamW settings (fused, betas 0.9/0.95, no decay, clipping at 1, a
+constant learning rate). The batches are Stepwise's length-grouped ones: Trainer is handed them rather than drawing its own LengthGroupedSampler's,
 so that the same examples meet in the same steps and the losses compare (the printed non-padding shares
 of an epoch compare the two groupings). hf-trainer-default deals the same timed examples (all rounds'
 together) into random batches. Rows per step never differ, so tokens per step are equal and rates are in
@@ -190,13 +190,14 @@ def prepare(shape: str, args, work: Path) -> tuple[Path, dict]:
                  layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, vocab=cfg.vocab_size,
                  params=sum(p.numel() for p in run.raw_model.parameters()), matmul_params=matmul_params(run.raw_model),
                  fpt=flops_per_token(run.raw_model, attended), attended=attended, shares=shares(lengths, b, epoch),
-                 gemm_rows=gemm_rows, peak=gemm_peak(cfg, gemm_rows, repeats=2 if args.quick else 3, dtype=DTYPES[args.dtype]))
+                 gemm_rows=gemm_rows,
+                 peak=gemm_peak(cfg, gemm_rows, repeats=2 if args.quick else 3, dtype=DTYPES[args.dtype]))
     del run
     gc.collect()
     (work / "examples.json").write_text(json.dumps(examples))
     plan = dict(model_dir=str(folder), examples=str(work / "examples.json"), stepwise_args=flags,
-                mini_batch_size=b, lr=settings["lr"], seed=SEED, dtype=args.dtype, threads=args.threads, warmup=[epoch[k] for k in short],
-                rounds=rounds)
+                mini_batch_size=b, lr=settings["lr"], seed=SEED, dtype=args.dtype, threads=args.threads,
+                warmup=[epoch[k] for k in short], rounds=rounds)
     (work / "plan.json").write_text(json.dumps(plan))
     return work / "plan.json", facts
 
@@ -235,8 +236,9 @@ def report(facts: dict, sides: dict[str, dict], args) -> None:
           f"{f['timed_tokens']:,.0f} tokens on average (an epoch's step {f['epoch_tokens']:,.0f})")
     print(f"non-padding share over an epoch: {shares_text}; every side trains Stepwise's batches "
           f"(hf-trainer-default: the same examples in random batches)")
-    print(f"GEMM peak {f['peak'] / 1e9:.1f} GFLOP/s ({args.dtype}, this model's matmuls at {f['gemm_rows']:,} rows, forward "
-          f"and backward, measured now); {f['fpt'] / 1e6:,.1f} MFLOP per token (6 x {f['matmul_params'] / 1e6:.2f}M "
+    print(f"GEMM peak {f['peak'] / 1e9:.1f} GFLOP/s ({args.dtype}, this model's matmuls at {f['gemm_rows']:,} rows, "
+          f"forward and backward, measured now); {f['fpt'] / 1e6:,.1f} MFLOP per token "
+          f"(6 x {f['matmul_params'] / 1e6:.2f}M "
           f"+ attention over {f['attended']:.0f} tokens)")
     base = sides["stepwise"]
     print(f"{'side':<21} {'sup tok/s':>10} {'non-pad tok/s':>14} {'peak RSS MB':>12} {'MFU':>6} "
@@ -283,7 +285,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, help="untimed steps before each round (default: demo 2, smollm2 1)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating the sides")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                        help="every side's compute dtype: fp32, or bf16 autocast (fp32 weights; AMX where the CPU has it)")
+                        help="every side's compute dtype: fp32, or bf16 autocast (fp32 weights; AMX where the "
+                             "CPU has it)")
     parser.add_argument("--quick", action="store_true",
                         help="the smoke-test size: demo shape, context 128, 1 round of 1 warm-up + 2 timed steps")
     args = parser.parse_args(argv)

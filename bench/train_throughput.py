@@ -24,8 +24,9 @@ Fair by construction: every side starts from the same weights (one saved folder)
 tokenised examples (Stepwise's tokenisation, written once; the stepwise side checks its own equals it)
 in the same batches, in fp32 (or all in bf16 autocast: --dtype bf16), mini batch 8, the same number of
 optimizer steps, with the same AdamW settings (fused, betas 0.9/0.95, no decay, clipping at 1, a
-constant learning rate). The batches are Stepwise's length-grouped ones: Trainer is handed them rather than drawing its own LengthGroupedSampler's,
-so that the same examples meet in the same steps and the losses compare (the printed non-padding shares
+constant learning rate). The batches are Stepwise's length-grouped ones: Trainer is handed them rather
+than drawing its own LengthGroupedSampler's, so that the same examples meet in the same steps and the
+losses compare (the printed non-padding shares
 of an epoch compare the two groupings). hf-trainer-default deals the same timed examples (all rounds'
 together) into random batches. Rows per step never differ, so tokens per step are equal and rates are in
 tokens/s. Each side runs each round in its own process, with the parent's torch thread count; rounds

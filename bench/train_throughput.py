@@ -27,12 +27,13 @@ optimizer steps, with the same AdamW settings (fused, betas 0.9/0.95, no decay, 
 constant learning rate). The batches are Stepwise's length-grouped ones: Trainer is handed them rather
 than drawing its own LengthGroupedSampler's, so that the same examples meet in the same steps and the
 losses compare (the printed non-padding shares of an epoch compare the two groupings).
-hf-trainer-default deals the same timed examples (all rounds' together) into random batches. Rows per step never differ, so tokens per step are equal and rates are in
-tokens/s. Each side runs each round in its own process, with the parent's torch thread count; rounds
-alternate the sides, every other one reversed (A B C D E, E D C B A, ...). A round starts from the
-initial weights with the warm-up steps (the epoch's shortest batches, the same for every side, untimed),
-then that round's timed steps: a stratified sample of the epoch's batches (evenly spaced quantiles of
-their padded size, dealt round-robin to the rounds), so that a few steps stand for an epoch's mix.
+hf-trainer-default deals the same timed examples (all rounds' together) into random batches. Rows per
+step never differ, so tokens per step are equal and rates are in tokens/s. Each side runs each round in
+its own process, with the parent's torch thread count; rounds alternate the sides, every other one
+reversed (A B C D E, E D C B A, ...). A round starts from the initial weights with the warm-up steps
+(the epoch's shortest batches, the same for every side, untimed), then that round's timed steps: a
+stratified sample of the epoch's batches (evenly spaced quantiles of their padded size, dealt
+round-robin to the rounds), so that a few steps stand for an epoch's mix.
 
 Printed per side: supervised tok/s (the answers' tokens, which the loss is over), non-padding tok/s,
 peak RSS (ru_maxrss of its own process after its timed steps, the highest over its rounds), MFU, the

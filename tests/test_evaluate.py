@@ -96,6 +96,24 @@ def test_eval_cli_on_a_run_table_json_plot_then_cache(tree):
         {k: v for k, v in before.items() if k.endswith(".json")}  # read, not rewritten
 
 
+def test_a_demo_run_notes_shared_template_wording_and_warns_only_on_copies(tree, capsys):
+    """The demo's held-out prompts share its templates' wording: near-duplicates alone are one plain note
+    in `trainer eval` (as in training); the exact copy in the module's prompt file stays a warning."""
+    run = tree["run"]
+    cfg = load_saved(run / "config.yaml")
+    train, _, _ = load_train_val("demo", None, cfg.data.val_fraction, cfg.optim.seed, False, cfg.data.demo_records)
+    near = train[0]["messages"][0]["content"] + " Please."  # the same wording, not the same prompt
+    prompts = tree["base"] / "near.jsonl"
+    prompts.write_text(json.dumps({"key": "near", "prompt": near, "reference": "anything"}) + "\n")
+    assert cli_main(["eval", str(run / "step-000010"), "--prompts", str(prompts), "--max_new_tokens", "2",
+                     "--root", str(tree["root"])]) == 0
+    err = capsys.readouterr().err
+    assert "note: 1 of 1 held-out prompts share template wording" in err and "warning" not in err
+    assert cli_main(["eval", str(run / "step-000010"), "--prompts", str(tree["prompts"]), "--limit", "6",
+                     "--max_new_tokens", "2", "--root", str(tree["root"])]) == 0
+    assert "warning: 1 of 6 held-out prompt(s)" in capsys.readouterr().err
+
+
 def test_settings_and_new_weights_are_new_cache_entries(tree, capsys):
     run, prompts = tree["run"], tree["prompts"]
     args = ["eval", str(run / "step-000010"), "--prompts", str(prompts), "--limit", "2", "--root", str(tree["root"])]

@@ -150,13 +150,13 @@ def run_contamination(run_dir: Path, prompts: list, prompts_sha: str, console) -
         return None
     key = hashlib.sha256(config_file.read_bytes() + prompts_sha.encode() + str(len(prompts)).encode()).hexdigest()[:12]
     cached = run_dir / "eval" / f"contamination-{key}.json"
-    if cached.is_file():
-        return read_json(cached)
     try:
         cfg = load_saved(config_file)
         d = cfg.data
-        local = d.dataset == "demo" or Path(d.dataset).exists()
-        if not local:  # a hub dataset: not fetched again just for this check
+        templated = d.dataset == "demo"  # the demo's prompts share its templates' wording (see warn)
+        if cached.is_file():
+            return {**read_json(cached), "templated": templated}
+        if not (templated or Path(d.dataset).exists()):  # a hub dataset is not fetched again for this
             console.print(f"[dim]contamination check skipped for {run_dir.name}: {d.dataset} is not a local file[/]")
             return None
         with console.status(f"checking the held-out prompts against {run_dir.name}'s training data"):
@@ -166,6 +166,7 @@ def run_contamination(run_dir: Path, prompts: list, prompts_sha: str, console) -
     except StepwiseError as err:
         console.print(f"[dim]contamination check skipped for {run_dir.name}: {err}[/]")
         return None
+    found["templated"] = templated
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cached, found)
     return found
@@ -228,7 +229,7 @@ def main(argv: list[str]) -> int:
     for run_dir in dict.fromkeys(t.run_dir for t in targets if t.run_dir is not None):
         found = run_contamination(run_dir, prompts, prompts_sha, err)
         if found is not None:
-            warn(found, err, f"{run_dir.name}'s training data")
+            warn(found, err, f"{run_dir.name}'s training data", templated=found.get("templated", False))
 
     entries = []
     todo = []

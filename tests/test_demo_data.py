@@ -53,8 +53,9 @@ def test_every_response_passes_its_constraints_checked_again():
 def test_a_list_comes_last_in_its_prompt_each_item_after_a_space():
     """A reverse or sort prompt ends with its list ("List: a, b, c."), after every constraint sentence,
     each item after a space as in the answer (so the answer repeats the list's very tokens), and the
-    answer's items are the list's, reversed or sorted."""
-    for name, order in (("reverse_list", lambda xs: tuple(reversed(xs))), ("sort_list", lambda xs: tuple(sorted(xs)))):
+    answer's items are the list's, reversed or sorted (numbers, by value: "2" before "10")."""
+    for name, order in (("reverse_list", lambda xs: tuple(reversed(xs))),
+                        ("sort_list", lambda xs: tuple(sorted(xs, key=int)))):
         for seed in range(100):
             base = tasks.TASKS[name](random.Random(seed), tasks.POOLS)
             listed = re.fullmatch(r"List: ((?:\w+, )+\w+)\.", base.input)

@@ -1,10 +1,11 @@
 """The embedded default dataset: seeded, templated instruction records a ~4M-parameter model can learn.
 
-Seven base tasks (reverse or sort a list, count the letters of a word, small arithmetic, rewrite a
-sentence, list N items of a category, look a fact up in the tables below) are combined, in 70% of
-records, with one or two of IFEval's verifiable constraints, phrased in the instruction the way IFEval
-phrases them. The responses are written to satisfy them, and every one is checked at generation time
-with `scoring.check_constraints`, so the generator and the scorer cannot disagree.
+Seven base tasks (reverse a list of words, sort one of numbers, count the letters of a word, small
+arithmetic, rewrite a sentence, list N items of a category, look a fact up in the tables below) are
+combined, in 70% of records, with one or two of IFEval's verifiable constraints, phrased in the
+instruction the way IFEval phrases them. The responses are written to satisfy them, and every one is
+checked at generation time with `scoring.check_constraints`, so the generator and the scorer cannot
+disagree.
 
 Held out, never in training for any seed: one prompt in eight (by a hash of its text,
 tasks.is_reserved_prompt) and a few (task, constraint combination) pairs. `build_heldout` draws the

@@ -203,9 +203,14 @@ def prepare(shape: str, args, work: Path) -> tuple[Path, dict]:
     return work / "plan.json", facts
 
 
+START_ENV = dict(os.environ)
+"""The environment the bench started in: every side's process gets it, not the parent's after setup()
+(which switches on Stepwise's own settings, SDPA's grouped key/value heads, that must not reach the peers)."""
+
+
 def run_side(plan: Path, name: str, round_: int, threads: int) -> dict:
     """One side's round in its own process; its RESULT line as a dict."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+    env = {**START_ENV, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "peers.py"), str(plan), name, str(round_)],
                           cwd=ROOT, env=env, capture_output=True, text=True)

@@ -36,6 +36,7 @@ from trainer.training.distributed import (
     is_sharded,
     wrap_model,
 )
+from trainer.training.fused import fuse_layers, share_kv_heads
 from trainer.training.loss import CausalLMLoss
 from trainer.training.models import (
     apply_lora,
@@ -232,6 +233,11 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
                   f"{total} steps ({total / spe:.2f} epochs)")
 
     raw_model = model
+    fused = fuse_layers(raw_model)
+    if any(fused.values()):
+        reporter.info(f"fused layers: {fused['mlp']} SwiGLU MLP(s), {fused['rmsnorm']} RMSNorm(s) keep fewer "
+                      "activations for the backward")
+    share_kv_heads(device)
     loss_model = CausalLMLoss(raw_model)
     if cfg.model.fsdp and world > 1:  # FSDP2's hooks are on the root's own forward: it must run
         loss_model.fallback = "FSDP runs the sharded model's own forward"

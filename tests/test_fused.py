@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tests.test_loss import literal_batch
+from tests.test_loss import literal_batch, loss_and_grads
 from trainer.training.fused import GQA, PLAIN, fuse_layers, share_kv_heads
 from trainer.training.loss import CausalLMLoss
 
@@ -24,16 +24,14 @@ def tiny(kind=LlamaForCausalLM, config=LlamaConfig, **extra):
     return kind(cfg)
 
 
-def loss_and_grads(model, batch, loss_module=None, **kw):
-    model.zero_grad(set_to_none=True)
-    loss = (CausalLMLoss(model) if loss_module is None else loss_module)(**batch, **kw)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+def step(model, batch, n=None, loss_module=None):
+    """(loss, gradients) of one step of model through Stepwise's loss (or loss_module over it)."""
+    return loss_and_grads(CausalLMLoss(model) if loss_module is None else loss_module, model, batch, n)
 
 
-def assert_equal_steps(plain, fused, batch, fused_loss=None, **kw):
-    loss_p, grads_p = loss_and_grads(plain, batch, **kw)
-    loss_f, grads_f = loss_and_grads(fused, batch, fused_loss, **kw)
+def assert_equal_steps(plain, fused, batch, fused_loss=None, n=None):
+    loss_p, grads_p = step(plain, batch, n)
+    loss_f, grads_f = step(fused, batch, n, fused_loss)
     assert grads_p and grads_p.keys() == grads_f.keys()
     torch.testing.assert_close(loss_f, loss_p, rtol=1e-5, atol=1e-5)
     for name in grads_p:
@@ -61,7 +59,7 @@ def test_fused_layers_give_the_plain_loss_and_gradients(kind, config):
     fused = copy.deepcopy(plain)
     assert fuse_layers(fused) == {"mlp": 2, "rmsnorm": 5}  # 2 layers x 2 norms + the final norm
     assert fused.state_dict().keys() == plain.state_dict().keys()
-    assert_equal_steps(plain, fused, literal_batch(), num_items_in_batch=torch.tensor(10))
+    assert_equal_steps(plain, fused, literal_batch(), n=torch.tensor(10))
 
 
 def test_with_gradient_checkpointing():
@@ -99,8 +97,8 @@ def test_bf16_autocast_stays_close_and_finite():
     fused = copy.deepcopy(plain)
     fuse_layers(fused)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_p, grads_p = loss_and_grads(plain, literal_batch())
-        loss_f, grads_f = loss_and_grads(fused, literal_batch())
+        loss_p, grads_p = step(plain, literal_batch())
+        loss_f, grads_f = step(fused, literal_batch())
     assert torch.isfinite(loss_f) and abs(loss_f - loss_p) / loss_p < 1e-2
     for name, g in grads_p.items():
         assert torch.isfinite(grads_f[name]).all() and grads_f[name].dtype == g.dtype
@@ -135,9 +133,9 @@ def test_shared_kv_heads_give_the_repeated_heads_loss_and_gradients(monkeypatch)
     against repeated key/value heads: the same loss and gradients, and the switch set only on the CPU."""
     monkeypatch.delenv(GQA, raising=False)
     model = tiny()
-    repeated = loss_and_grads(model, literal_batch())
+    repeated = step(model, literal_batch())
     assert share_kv_heads(torch.device("cpu")) and os.environ[GQA] == "1"
-    shared = loss_and_grads(model, literal_batch())
+    shared = step(model, literal_batch())
     head_bytes = 3 * 10 * 16 * 4  # one key or value head: 3 rows x 10 tokens x head_dim 16, fp32
     monkeypatch.setenv(GQA, "0")
     repeated_bytes = saved_bytes(model)

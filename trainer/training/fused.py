@@ -24,9 +24,11 @@ STEPWISE_PLAIN_LAYERS=1 leaves every module and the attention as they are.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -84,14 +86,19 @@ def _fused_mlp_forward(self, x):
     return _SwiGLUDown.apply(gate, up, self.down_proj.weight, _compute_dtype(gate))
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * x / rms(x), 1/rms(x)), computed as LlamaRMSNorm computes it."""
+    xf = x.to(torch.float32)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
 class _RMSNorm(torch.autograd.Function):
     """weight * (x / rms(x)), in fp32 as Llama's norm computes it, keeping x and 1/rms for the backward."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        xf = x.to(torch.float32)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        out = weight * (xf * rstd).to(x.dtype)
+        out, rstd = _rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
@@ -109,7 +116,94 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def _fused_norm_forward(self, hidden_states):
-    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    out = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    if _active and out.requires_grad and not torch.compiler.is_compiling():
+        _active[-1].remember(out, hidden_states, self.weight, self.variance_epsilon)
+    return out
+
+
+class _Recompute:
+    """What autograd keeps of a norm's output saved for a backward: the norm's input (kept by the norm
+    anyway), its weight and the view's layout."""
+
+    __slots__ = ("x", "weight", "eps", "size", "stride", "offset")
+
+    def __init__(self, x, weight, eps, view: torch.Tensor):
+        self.x, self.weight, self.eps = x, weight, eps
+        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+
+    def values(self, unpack) -> torch.Tensor:
+        out, _ = _rms_norm(unpack(self.x), self.weight, self.eps)  # the forward's ops: the same bits
+        return out.as_strided(self.size, self.stride, self.offset)
+
+
+class _Outer:
+    """A tensor packed by the saved-tensor hooks that were on when the forward began (a caller's own)."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed):
+        self.packed = packed
+
+
+class _NormOutputs:
+    """Saved-tensor hooks for one forward of a decoder stack. The projections after each norm (q, k and
+    v; gate and up) save the norm's output for their weight gradients: a (tokens x hidden) tensor per
+    norm that the norm's own input and 1/rms already determine. Saved here as a `_Recompute`, it is
+    computed again in the backward (two elementwise passes) and never kept. Any other tensor goes to
+    the hooks that were on before (a caller's), or is kept as autograd keeps it."""
+
+    def __init__(self):
+        self.outputs: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor, float]] = {}
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        self.outer = top(True) if top is not None else None
+
+    def remember(self, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+        if out.is_contiguous() and out.storage_offset() == 0:
+            self.outputs[out.untyped_storage().data_ptr()] = (weakref.ref(out), x, weight, eps)
+
+    def _outer(self, t):
+        return t if self.outer is None else _Outer(self.outer[0](t))
+
+    def pack(self, t: torch.Tensor):
+        entry = self.outputs.get(t.untyped_storage().data_ptr())
+        if entry is not None:
+            ref, x, weight, eps = entry
+            out = ref()  # alive while the forward holds it, so the address is still the output's
+            if out is not None and t.dtype == out.dtype and t.device == out.device:
+                return _Recompute(self._outer(x), weight, eps, t)
+        return self._outer(t)
+
+    def unpack(self, packed):
+        if isinstance(packed, _Recompute):
+            return packed.values(self.unpack)
+        if isinstance(packed, _Outer):
+            return self.outer[1](packed.packed)
+        return packed
+
+
+_active: list[_NormOutputs] = []
+"""The hooks of the forward under way (at most one: a stack inside another shares the outer's)."""
+
+
+def _wrap_stack_forward(forward):
+    """forward of a module whose direct children include fused norms, under `_NormOutputs`' hooks while
+    gradients are recorded (not while compiling: the compiled graph keeps what it keeps)."""
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if (_active or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or not torch._C._autograd._saved_tensors_hooks_is_enabled()):
+            return forward(*args, **kwargs)
+        hooks = _NormOutputs()
+        _active.append(hooks)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+                return forward(*args, **kwargs)
+        finally:
+            _active.pop()
+
+    return run
 
 
 def _source(forward) -> str | None:
@@ -142,6 +236,7 @@ def fuse_layers(model: nn.Module) -> dict[str, int]:
     counts = {"mlp": 0, "rmsnorm": 0}
     if os.environ.get(PLAIN) == "1":
         return counts
+    fused_norms = []
     for m in model.modules():
         if "forward" in vars(m):  # already replaced (or patched by someone else): left as it is
             continue
@@ -150,8 +245,24 @@ def fuse_layers(model: nn.Module) -> dict[str, int]:
             counts["mlp"] += 1
         elif _is_plain_norm(m):
             m.forward = types.MethodType(_fused_norm_forward, m)
+            fused_norms.append(m)
             counts["rmsnorm"] += 1
+    _hook_stacks(model, fused_norms)
     return counts
+
+
+def _hook_stacks(model: nn.Module, norms: list[nn.Module]) -> None:
+    """Run under `_NormOutputs` the outermost module that holds fused norms as direct children (Llama's
+    LlamaModel: its final norm), so its hooks cover every decoder layer. A layer that gradient
+    checkpointing may wrap is never the one: checkpointing's own hooks must be the innermost there."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    ids = {id(n) for n in norms}
+    for m in model.modules():  # parents before children
+        if (any(id(c) in ids for c in m.children()) and not isinstance(m, GradientCheckpointingLayer)
+                and "forward" not in vars(m)):
+            m.forward = _wrap_stack_forward(m.forward)
+            return
 
 
 def share_kv_heads(device: torch.device) -> bool:

@@ -20,19 +20,24 @@ def linear_shapes(config) -> list[tuple[int, int, int]]:
             (h, config.vocab_size, 1)]  # lm_head
 
 
-def gemm_peak(config, tokens: int, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
+def gemm_peak(config, tokens: int, repeats: int = 3, dtype: torch.dtype = torch.float32,
+              device: str = "cpu") -> float:
     """FLOP/s of this model's GEMMs on this machine, now: each linear layer's forward (X W^T) and backward
     (dY W, dY^T X) matmul at `tokens` rows, the best of `repeats` each, combined as total FLOPs over total
     time weighted by how often the model runs each shape (so the head counts once, a block shape per layer),
-    in `dtype` (bf16 is what autocast runs the matmuls in)."""
+    in `dtype` (bf16 is what autocast runs the matmuls in), on `device` (a GPU's kernels are waited for)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     flops = seconds = 0.0
     for n_in, n_out, count in linear_shapes(config):
-        x, w, dy = (torch.randn(*shape, dtype=dtype) for shape in ((tokens, n_in), (n_out, n_in), (tokens, n_out)))
+        x, w, dy = (torch.randn(*shape, dtype=dtype, device=device)
+                    for shape in ((tokens, n_in), (n_out, n_in), (tokens, n_out)))
         for form in (lambda: torch.nn.functional.linear(x, w), lambda: dy @ w, lambda: dy.t() @ x):
             best = float("inf")  # the best call, not the first: that one also picks and warms its kernel
             for _ in range(repeats):
+                sync()
                 start = time.perf_counter()
                 form()
+                sync()
                 best = min(best, time.perf_counter() - start)
             flops += 2 * tokens * n_in * n_out * count
             seconds += best * count

@@ -25,11 +25,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SIDES = ("stepwise", "hf-trainer-grouped", "hf-trainer-default", "trl-sft-grouped", "trl-sft-padding-free")
+"""The sides a plain run measures."""
+VARIANTS = {"stepwise-compile": ["--compile"]}
+"""Further sides, on request (--sides): Stepwise's step with these `trainer train` flags added."""
 
 
 def peak_rss_mb() -> float:
     """This process's resident-set high-water mark (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_gpu_mb() -> float | None:
+    """The GPU memory this process's tensors took at most (PyTorch's allocator), or None without a GPU."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (a no-op on the CPU), so that a clock read after it counts it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def counts(examples: list[dict], batch: list[int]) -> tuple[int, int]:
@@ -48,11 +62,13 @@ def summary(examples: list[dict], timed: list[list[int]], losses: list[float], s
         real, sup = counts(examples, batch)
         tokens, supervised, loss_sum = tokens + real, supervised + sup, loss_sum + loss * sup
     return {"seconds": seconds, "tokens": tokens, "supervised": supervised, "loss_sum": loss_sum,
-            "first_loss": first_loss, "steps": len(timed), "rss_mb": peak_rss_mb()}
+            "first_loss": first_loss, "steps": len(timed), "rss_mb": peak_rss_mb(), "gpu_mb": peak_gpu_mb()}
 
 
-def run_stepwise(plan: dict, examples: list[dict], warmup: list[list[int]], timed: list[list[int]]) -> dict:
-    """Main's own step, as `python -m trainer train` runs it: setup(cfg), then train_step per batch."""
+def run_stepwise(plan: dict, examples: list[dict], warmup: list[list[int]], timed: list[list[int]],
+                 extra: list[str] = ()) -> dict:
+    """Main's own step, as `python -m trainer train` runs it (with `extra` flags): setup(cfg), then
+    train_step per batch."""
     from trainer.cli.options import parse_config
     from trainer.training.loop import train_step
     from trainer.training.progress import Reporter
@@ -60,7 +76,7 @@ def run_stepwise(plan: dict, examples: list[dict], warmup: list[list[int]], time
 
     with tempfile.TemporaryDirectory() as tmp:
         steps = len(warmup) + len(timed)
-        cfg = parse_config(plan["stepwise_args"] + ["--output_dir", tmp, "--max_steps", str(steps)])
+        cfg = parse_config(plan["stepwise_args"] + list(extra) + ["--output_dir", tmp, "--max_steps", str(steps)])
         run = setup(cfg, Reporter(enabled=False, progress=False))
         if [(e["input_ids"], e["labels"]) for e in run.train] != [(e["input_ids"], e["labels"]) for e in examples]:
             raise SystemExit("stepwise: setup() tokenised the data differently from the plan's examples")
@@ -68,9 +84,11 @@ def run_stepwise(plan: dict, examples: list[dict], warmup: list[list[int]], time
         for batch in warmup[1:]:
             train_step(run, [batch])
         losses = []
+        sync()
         start = time.perf_counter()
         for batch in timed:
             losses.append(train_step(run, [batch])[0])
+        sync()
         seconds = time.perf_counter() - start
     return summary(examples, timed, losses, seconds, first)
 
@@ -93,6 +111,7 @@ def trainer_class(base, order: list[int]):
             self.marks: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
+            sync()
             self.marks.append(time.perf_counter())
 
     class Timed(base):
@@ -118,22 +137,21 @@ def common_args(plan: dict, steps: int) -> dict:
     return dict(per_device_train_batch_size=plan["mini_batch_size"], max_steps=steps, learning_rate=plan["lr"],
                 lr_scheduler_type="constant", adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
                 optim="adamw_torch_fused", save_strategy="no", report_to=[], logging_strategy="no",
-                disable_tqdm=True, use_cpu=True, seed=plan["seed"], dataloader_num_workers=0,
+                disable_tqdm=True, use_cpu=plan.get("device", "cpu") == "cpu", seed=plan["seed"], dataloader_num_workers=0,
                 bf16=plan["dtype"] == "bf16")
 
 
 def run_hf(plan: dict, examples: list[dict], warmup: list[list[int]], timed: list[list[int]], name: str) -> dict:
     """transformers.Trainer with dynamic padding (DataCollatorForSeq2Seq), or TRL's SFTTrainer (its own collator)."""
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(plan["model_dir"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(plan["model_dir"])
-    dataset = Dataset.from_list(examples)
     order = [i for batch in warmup + timed for i in batch]
     steps = len(warmup) + len(timed)
     with tempfile.TemporaryDirectory() as tmp:
         if name.startswith("trl-sft"):
+            from datasets import Dataset
             from trl import SFTConfig, SFTTrainer
 
             # Pre-tokenised input_ids + labels (-100 on the prompt): TRL keeps a given labels column as is,
@@ -143,14 +161,15 @@ def run_hf(plan: dict, examples: list[dict], warmup: list[list[int]], timed: lis
             # replaced by the plan's dtype (common_args).
             args = SFTConfig(output_dir=tmp, padding_free=name == "trl-sft-padding-free", max_length=None,
                              packing=False, gradient_checkpointing=False, **common_args(plan, steps))
-            trainer = trainer_class(SFTTrainer, order)(model=model, args=args, train_dataset=dataset,
+            trainer = trainer_class(SFTTrainer, order)(model=model, args=args, train_dataset=Dataset.from_list(examples),
                                                        processing_class=tokenizer)
         else:
             from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
             args = TrainingArguments(output_dir=tmp, **common_args(plan, steps))
             collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-            trainer = trainer_class(Trainer, order)(model=model, args=args, train_dataset=dataset,
+            # The examples as a plain list (a map-style dataset to Trainer), so no Arrow table sits in the way.
+            trainer = trainer_class(Trainer, order)(model=model, args=args, train_dataset=examples,
                                                     data_collator=collator)
         trainer.train()
     marks, w = trainer.clock.marks, len(warmup)
@@ -173,14 +192,14 @@ def side_batches(plan: dict, name: str, round_: int) -> tuple[list[list[int]], l
 
 def main(argv: list[str]) -> int:
     plan_path, name, round_ = argv[0], argv[1], int(argv[2])
-    if name not in SIDES:
-        raise SystemExit(f"bench/peers.py: unknown side {name!r} (one of {', '.join(SIDES)})")
+    if name not in SIDES and name not in VARIANTS:
+        raise SystemExit(f"bench/peers.py: unknown side {name!r} (one of {', '.join(SIDES + tuple(VARIANTS))})")
     plan = json.loads(Path(plan_path).read_text())
     torch.set_num_threads(plan["threads"])
     examples = json.loads(Path(plan["examples"]).read_text())
     warmup, timed = side_batches(plan, name, round_)
-    if name == "stepwise":
-        result = run_stepwise(plan, examples, warmup, timed)
+    if name == "stepwise" or name in VARIANTS:
+        result = run_stepwise(plan, examples, warmup, timed, VARIANTS.get(name, []))
     else:
         result = run_hf(plan, examples, warmup, timed, name)
     print("RESULT " + json.dumps(result), flush=True)

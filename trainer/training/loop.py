@@ -30,7 +30,7 @@ from trainer.evals.heldout import heldout_samples
 from trainer.inference.generate import GenerationSettings
 from trainer.training import checkpoint as ckpt
 from trainer.training import distributed
-from trainer.training.batching import collate, micro_batches
+from trainer.training.batching import collate, collate_packed, micro_batches
 from trainer.training.metrics import (
     MetricsLog,
     classify_trend,
@@ -164,7 +164,9 @@ def all_sum(run: Run, *values: float) -> list[float]:
 def accumulate(run: Run, batches: list[list[int]]) -> tuple[float, int]:
     """Forward and backward over this process's micro-batches of one step, leaving the step's
     gradient in .grad; returns (global sum of token losses, global supervised tokens)."""
-    micro = [collate([run.train[i] for i in b], run.tokenizer.pad_token_id) for b in batches]
+    pad, packing = run.tokenizer.pad_token_id, run.cfg.data.packing
+    micro = [collate_packed([run.train[i] for i in b], pad, run.cfg.data.context_length) if packing
+             else collate([run.train[i] for i in b], pad) for b in batches]
     local = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
     # The denominator spans every micro-batch on every process (a sync point under DDP).
     (n_tokens,) = all_sum(run, local)

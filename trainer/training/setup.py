@@ -23,6 +23,7 @@ from trainer.inference.gguf import packaged_file
 from trainer.inference.loading import check_weights
 from trainer.training.batching import (
     collate,
+    collate_packed,
     micro_batches,
     padding_efficiency,
     steps_per_epoch,
@@ -240,6 +241,8 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
         reporter.info(f"fused layers: {fused['mlp']} SwiGLU MLP(s), {fused['rmsnorm']} RMSNorm(s) keep fewer "
                       "activations for the backward")
     share_kv_heads(device)
+    if cfg.data.packing:
+        check_packing(raw_model, train, tokenizer.pad_token_id)
     loss_model = CausalLMLoss(raw_model)
     if cfg.model.fsdp and world > 1:  # FSDP2's hooks are on the root's own forward: it must run
         loss_model.fallback = "FSDP runs the sharded model's own forward"
@@ -263,6 +266,26 @@ def setup(cfg: Config, reporter: Reporter | None = None) -> Run:
                validation_batches(val, cfg, tokenizer.pad_token_id, rank, world, lockstep=is_sharded(raw_model)),
                len(val), optimizer, scheduler, total, spe, reporter, resume_from=resume_from, heldout=heldout,
                data_stats=stats, loss_model=loss_model)
+
+
+def check_packing(model: torch.nn.Module, train: list[dict], pad_id: int) -> None:
+    """--packing relies on the model masking attention by position_ids (transformers' packed-sequence
+    mask); a model that does not would let a row's examples see each other. Checked on two of the
+    data's examples: the second's logits packed after the first must equal its logits alone."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    first, second = ({"input_ids": e["input_ids"][:8], "labels": e["input_ids"][:8]} for e in (train[0], train[-1]))
+    device = next(lm.parameters()).device
+    batch = collate_packed([first, second], pad_id, len(first["input_ids"]) + len(second["input_ids"]))
+    was_training = lm.training
+    lm.eval()
+    with torch.no_grad():
+        packed = lm(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                    use_cache=False).logits[0, len(first["input_ids"]):]
+        alone = lm(input_ids=torch.tensor([second["input_ids"]], device=device), use_cache=False).logits[0]
+    lm.train(was_training)
+    if not torch.allclose(packed.float(), alone.float(), rtol=1e-4, atol=1e-4):
+        raise StepwiseError(f"--packing: {type(lm).__name__} does not keep packed examples apart (its attention "
+                            "ignores the position ids' sequence boundaries); train without --packing")
 
 
 def warn_contamination(reporter: Reporter, heldout: list, records: list[dict], templated: bool = False) -> None:
